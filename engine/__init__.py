@@ -1,0 +1,1 @@
+"""ggflat engine: GGUF reading, tokenizers, chat templates, model configs and forward graphs."""

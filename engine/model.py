@@ -1,0 +1,159 @@
+"""A loaded model: config, tokenizer, weights on a backend, and planned graphs.
+
+``Model.forward`` runs one step of one sequence: it claims KV slots for the new
+tokens, feeds the step inputs and returns the logits of the rows asked for.
+Graphs are built and planned once per (n_tokens, n_out, max_pages) and reused,
+so the per-token Python work is a dictionary lookup and ``backend.run``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Sequence as Seq
+
+import numpy as np
+
+from engine.arch import get_arch
+from engine.arch.common import WeightTable
+from engine.config import ModelConfig
+from engine.errors import ContextError, GGFlatError, ModelError
+from ggml_py import Backend, Plan, WeightSource, get_backend
+from kvcache import KVCacheSpec, PagedKVCache, Sequence
+
+DEFAULT_CTX = 4096
+DEFAULT_BATCH = 512
+
+
+class Model:
+    def __init__(self, gf, backend: Backend) -> None:
+        from engine.tokenizer import Tokenizer
+
+        self.gf = gf
+        self.backend = backend
+        self.arch = get_arch(gf.architecture or "(none)")   # an unknown architecture is the first thing to say
+        self.tokenizer = Tokenizer.from_gguf(gf)
+        self.config = ModelConfig.from_metadata(gf.metadata, n_vocab=self.tokenizer.n_vocab)
+        self.weight_table = WeightTable({name: (ti.shape, ti.type_name) for name, ti in gf.tensors.items()})
+        self._plans: dict[tuple[int, int, int], Plan] = {}
+
+        # The weights a graph uses are exactly what the backend must hold: build a
+        # one-token graph to learn them (building is cheap and checks every shape).
+        probe = self.arch.build_graph(self.config, self.weight_table, 1, 1, 1)
+        used = {}
+        for name in probe.weights:
+            ti = gf.tensors[name]
+            used[name] = WeightSource(name, ti.ggml_type, ti.shape, gf.tensor_bytes(name))
+        self.backend.load_weights(used)
+        self.n_params = sum(int(np.prod(w.shape)) for w in used.values())
+        self.weight_file_bytes = sum(w.data.nbytes for w in used.values())
+
+    # -- loading ------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str, backend: str | Backend = "numpy") -> "Model":
+        from engine.gguf_file import GGUFFile
+
+        gf = GGUFFile(path)
+        be = get_backend(backend) if isinstance(backend, str) else backend
+        return cls(gf, be)
+
+    @property
+    def n_vocab(self) -> int:
+        return self.config.n_vocab
+
+    # -- KV cache -------------------------------------------------------------------
+    def new_cache(self, n_ctx: int | None = None, kv_dtype: str = "f16", page_size: int = 16) -> PagedKVCache:
+        """A KV cache for ``n_ctx`` tokens (default: min(4096, training context))."""
+        cfg = self.config
+        if n_ctx is None or n_ctx <= 0:
+            n_ctx = min(DEFAULT_CTX, cfg.n_ctx_train)
+        if n_ctx > cfg.n_ctx_train:
+            print(f"ggflat: warning: context {n_ctx} is larger than the model's training context "
+                  f"{cfg.n_ctx_train}; quality may degrade", file=sys.stderr)
+        spec = KVCacheSpec.for_context(n_ctx, n_layers=cfg.n_layers, n_kv_heads=cfg.n_head_kv,
+                                       head_dim_k=cfg.head_dim_k, head_dim_v=cfg.head_dim_v,
+                                       page_size=page_size, dtype=kv_dtype)
+        avail = _available_memory()
+        if avail is not None and spec.nbytes > avail:
+            raise ContextError(f"a KV cache for {n_ctx} tokens needs {spec.nbytes:,} bytes, "
+                               f"only {avail:,} are available; use a smaller -c")
+        return PagedKVCache(spec, self.backend.alloc_kv(spec), n_ctx)
+
+    # -- running ----------------------------------------------------------------------
+    def _plan(self, n_tokens: int, n_out: int, max_pages: int) -> Plan:
+        key = (n_tokens, n_out, max_pages)
+        plan = self._plans.get(key)
+        if plan is None:
+            graph = self.arch.build_graph(self.config, self.weight_table, n_tokens, n_out, max_pages)
+            plan = self._plans[key] = self.backend.plan(graph)
+        return plan
+
+    def forward(self, cache: PagedKVCache, seq: Sequence, tokens: Seq[int] | np.ndarray,
+                out_rows: Seq[int] | np.ndarray | None = None) -> np.ndarray:
+        """Append ``tokens`` to ``seq`` and return logits (len(out_rows), n_vocab) f32.
+
+        out_rows: which of the new tokens' logits to return (default: the last one).
+        """
+        tokens = np.asarray(tokens, dtype=np.int32)
+        n = int(tokens.shape[0])
+        if n == 0:
+            raise ValueError("forward needs at least one token")
+        if tokens.min() < 0 or tokens.max() >= self.n_vocab:
+            bad = int(tokens[(tokens < 0) | (tokens >= self.n_vocab)][0])
+            raise GGFlatError(f"token id {bad} is outside the vocabulary [0, {self.n_vocab})")
+        out_ids = np.asarray([n - 1] if out_rows is None else out_rows, dtype=np.int32)
+        start = seq.length
+        slots = seq.reserve(n)
+        pos = np.arange(start, start + n, dtype=np.int32)
+        inputs = {
+            "tokens": tokens, "pos": pos, "slots": slots,
+            "block_table": seq.block_table(), "kv_len": np.array([seq.length], dtype=np.int32),
+            "out_ids": out_ids,
+        }
+        try:
+            out = self.backend.run(self._plan(n, len(out_ids), seq.max_pages), inputs, cache.storage)
+        except BaseException:
+            seq.truncate(start)   # keep the sequence consistent with what the cache holds
+            raise
+        return out["logits"]
+
+    def prefill(self, cache: PagedKVCache, seq: Sequence, tokens: Seq[int], n_batch: int = DEFAULT_BATCH,
+                all_logits: bool = False) -> np.ndarray:
+        """Feed a prompt in batches of ``n_batch``; logits of the last token (or of every token)."""
+        tokens = np.asarray(tokens, dtype=np.int32)
+        outs = []
+        for i in range(0, len(tokens), n_batch):
+            chunk = tokens[i:i + n_batch]
+            rows = np.arange(len(chunk)) if all_logits else None
+            last = self.forward(cache, seq, chunk, rows)
+            if all_logits or i + n_batch >= len(tokens):
+                outs.append(last)
+        return np.concatenate(outs) if all_logits else outs[-1]
+
+
+def check_fits(n_prompt: int, n_ctx: int) -> None:
+    if n_prompt > n_ctx:
+        raise ContextError(f"prompt is {n_prompt} tokens, longer than the context of {n_ctx} tokens "
+                           f"(use a larger -c or a shorter prompt)")
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def model_summary(model: Model) -> str:
+    c = model.config
+    return (f"{c.arch} {c.name or ''}: {c.n_layers} layers, d={c.n_embd}, heads {c.n_head}/{c.n_head_kv}, "
+            f"vocab {c.n_vocab}, {model.n_params / 1e6:.1f}M params")
+
+
+__all__ = ["Model", "check_fits", "DEFAULT_CTX", "DEFAULT_BATCH", "ModelError"]

@@ -1,0 +1,70 @@
+"""The backend interface: small on purpose (after ggml-backend.h).
+
+A backend holds weights and KV pages in its own memory, says which nodes it
+supports, plans a graph once (buffers, kernels; the CuPy backend also captures a
+CUDA graph) and runs the plan many times. Inputs and outputs cross as NumPy
+arrays; everything else stays inside the backend.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from .graph import Graph, Tensor
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """A weight as stored in the GGUF file: raw bytes of ggml type ``ggml_type`` (an id),
+    ``shape`` in NumPy order. ``data`` is usually a zero-copy view of the mmap."""
+    name: str
+    ggml_type: int
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+
+class Plan:
+    """What ``Backend.plan`` returns: opaque to callers; ``graph`` is the graph it runs."""
+
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+
+
+class Backend(ABC):
+    name: str = "?"
+
+    @abstractmethod
+    def load_weights(self, weights: Mapping[str, WeightSource]) -> None:
+        """Take the model's weights (converting/repacking them as the backend likes)."""
+
+    @abstractmethod
+    def alloc_kv(self, spec: Any) -> Any:
+        """Storage for a paged KV cache of ``kvcache.KVCacheSpec`` ``spec``."""
+
+    @abstractmethod
+    def supports(self, node: Tensor) -> bool:
+        """Whether this backend can compute ``node``."""
+
+    @abstractmethod
+    def plan(self, graph: Graph) -> Plan:
+        """Check support for every live node and prepare to run ``graph`` many times."""
+
+    @abstractmethod
+    def run(self, plan: Plan, inputs: Mapping[str, np.ndarray], kv: Any = None) -> dict[str, np.ndarray]:
+        """Run a planned graph: feed every input, use ``kv`` storage, return the outputs (host arrays)."""
+
+    def weight_nbytes(self) -> int:
+        """Bytes the backend holds for weights (for `bench` and memory messages)."""
+        return 0
+
+
+def get_backend(name: str, **kwargs: Any) -> Backend:
+    """Backends found by name: ``numpy`` (reference), ``cupy`` (GPU, a later issue)."""
+    from engine.errors import GGFlatError
+    if name == "numpy":
+        from .backend_numpy import NumpyBackend
+        return NumpyBackend(**kwargs)
+    raise GGFlatError(f"unknown backend {name!r} (available: numpy)")

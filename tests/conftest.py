@@ -1,0 +1,38 @@
+"""Shared fixtures: the two reference models (fetched once into the ggflat cache) and llama.cpp's reference data."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+REFERENCE_DIR = Path(__file__).parent / "reference"
+
+
+def _model(name: str) -> Path:
+    from engine.errors import GGFlatError
+    from engine.model_cache import model_path
+    try:
+        return model_path(name, quiet=True)
+    except GGFlatError as e:  # offline machine without a cached copy
+        pytest.skip(f"model {name} unavailable: {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    return _model("smollm2")
+
+
+@pytest.fixture(scope="session")
+def gemma3_path() -> Path:
+    return _model("gemma3")
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    return REFERENCE_DIR
+
+
+def load_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
