@@ -24,6 +24,7 @@ from engine.errors import GGFlatError
 COMMANDS: dict[str, str] = {
     "generate": "cli.generate_cmd:generate",
     "perplexity": "cli.perplexity_cmd:perplexity",
+    "bench": "cli.bench_cmd:bench",
     "tokenize": "cli.tokenize_cmd:tokenize",
     "inspect": "cli.inspect_cmd:inspect",
 }

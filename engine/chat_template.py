@@ -97,24 +97,26 @@ def _size(x: Any) -> int:
 _PERCENT_SPEC = re.compile(r"%[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?")
 _BRACE_SPEC = re.compile(r"\{[^{}]*?:([^{}]*)\}")
 _DIGITS = re.compile(r"\d+")
+_NESTED_FIELD = re.compile(r"\{[^{}]*:[^{}]*\{")     # "{:{w}}": the width is an argument
 
 
 def _check_format(fmt: str, args: Iterable[Any], what: str) -> None:
     """Width and precision can ask for any amount of padding: refuse big ones before formatting.
 
-    Checks the numbers written in the conversion specs, and, because a width can
-    also come from the arguments (``%*d``, ``{:{w}}``), any big integer argument.
+    Checks the numbers written in the conversion specs and, when a width comes
+    from the arguments instead (``%*d``, ``{:{w}}``), the integer arguments.
     """
     g = _guard()
-    numbers = [n for m in _PERCENT_SPEC.finditer(fmt) for n in m.groups() if n and n != "*"]
+    percent = [n for m in _PERCENT_SPEC.finditer(fmt) for n in m.groups() if n]
+    numbers = [n for n in percent if n != "*"]
     numbers += [d for m in _BRACE_SPEC.finditer(fmt) for d in _DIGITS.findall(m.group(1))]
     for d in numbers:
         if len(d) > 9 or int(d) > g.max_value:
             raise _Limit(f"{what}: field width {d} is too large")
-    for a in args:
-        if isinstance(a, int) and not isinstance(a, bool) and abs(a) > g.max_value and \
-                ("*" in fmt or "{" in fmt):
-            raise _Limit(f"{what}: width argument {a} is too large")
+    if "*" in percent or _NESTED_FIELD.search(fmt):
+        for a in args:
+            if isinstance(a, int) and not isinstance(a, bool) and abs(a) > g.max_value:
+                raise _Limit(f"{what}: width argument {a} is too large")
 
 
 def _format_args(right: Any) -> list:

@@ -174,3 +174,9 @@ def test_override_file_too_large(tmp_path):
     with pytest.raises(TemplateError, match="larger than"):
         load_chat_template({}, str(f))
     assert os.path.getsize(f) > 0 and Path(f).exists()
+
+
+def test_big_numbers_still_format():
+    """The width checks look at format specs, not at the values being formatted."""
+    src = "{{ '{}'.format(1234567890) }} {{ '%d' % 1234567890 }} {{ '%s' | format(99999999999) }} {{ 2 ** 100 }}"
+    assert ChatTemplate(src).render([]) == "1234567890 1234567890 99999999999 1267650600228229401496703205376"

@@ -1,0 +1,1 @@
+"""CUDA kernels of the CuPy backend (see DESIGN.md in this folder)."""

@@ -1,0 +1,40 @@
+"""Compile this folder's ``.cu`` files with NVRTC (through CuPy) and cache the modules.
+
+``load_module("quant")`` compiles ``ggml_py/cuda/quant.cu`` once per process (per
+set of options); CuPy keeps its own on-disk cache of the compiled code, so later
+processes skip NVRTC too.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+HERE = Path(__file__).parent
+DEFAULT_OPTIONS = ("-std=c++17",)
+
+_modules: dict[tuple[str, tuple[str, ...]], object] = {}
+
+
+def cu_path(name: str) -> Path:
+    return HERE / f"{name}.cu"
+
+
+def load_module(name: str, options: tuple[str, ...] = ()):
+    """The ``cupy.RawModule`` of ``<name>.cu`` compiled with ``DEFAULT_OPTIONS + options``."""
+    import cupy
+
+    opts = DEFAULT_OPTIONS + tuple(options)
+    key = (name, opts)
+    mod = _modules.get(key)
+    if mod is None:
+        src = cu_path(name).read_text(encoding="utf-8")
+        # the name_expressions-free RawModule compiles lazily on first get_function;
+        # touching compile() here surfaces NVRTC errors at plan time, not mid-graph.
+        mod = cupy.RawModule(code=src, options=opts, backend="nvrtc")
+        mod.compile()
+        _modules[key] = mod
+    return mod
+
+
+def source_digest(name: str) -> str:
+    return hashlib.sha256(cu_path(name).read_bytes()).hexdigest()[:16]
