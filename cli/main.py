@@ -23,6 +23,7 @@ from engine.errors import GGFlatError
 # name -> "module:attribute"; the order is the order of ``ggflat --help``.
 COMMANDS: dict[str, str] = {
     "generate": "cli.generate_cmd:generate",
+    "chat": "cli.chat_cmd:chat",
     "perplexity": "cli.perplexity_cmd:perplexity",
     "bench": "cli.bench_cmd:bench",
     "tokenize": "cli.tokenize_cmd:tokenize",
