@@ -1,0 +1,482 @@
+"""Quantized weights on the GPU: upload, get_rows, mul_mat (kernels in ``quant.cu``).
+
+A weight stays in its GGUF form: ``DeviceWeight.data`` is one ``cupy.uint8`` array of the
+raw blocks (one host-to-device copy, nothing dequantized); F32 tensors are ``cupy.float32``
+arrays of their NumPy shape. The layouts are quant_formats' (its NumPy dequantizers are the
+specification); ``quant.cu`` holds one small decoder per type.
+
+``mul_mat``: ``out (n, M) = x (n, K) @ W.T``, f32 in and out.
+
+- n <= 8 (decode, the hot path): one launch of a GEMV kernel ``mmv_<type>_n<N>_r<R>`` that
+  reads the blocks directly. A CTA of ``warps`` warps owns R rows; its lanes split the
+  rows' items (8 weights each) so every x float4 it loads feeds R rows; f32 accumulation,
+  shuffle + shared-memory reduction. N (1, 2, 4 or 8) is the next size up from n.
+- n > 8 (prefill): the weight is dequantized to f16 in ``scratch`` (tiles of at most
+  ``PREFILL_TILE_BYTES``), x is cast to f16 in ``scratch``, and cuBLAS ``GemmEx`` multiplies
+  them with f32 accumulation, writing f32 ``out``. F16 weights skip the dequantization;
+  F32 weights (and f32 activation matrices) go straight to an f32 GEMM.
+
+Choices are made once per (type, shape, n) at plan time: ``plan_mul_mat(w, n, scratch)``
+returns a callable ``(x, out, stream)``, and its ``bind(x, out, stream)`` a zero-argument
+callable whose run-time cost is the launches alone. Nothing here allocates or synchronises
+at run time and nothing reads device data on the host, so every call can be captured into
+a CUDA graph. The prefill GEMM calls cuBLAS through ctypes (CuPy's wrappers refuse to run
+during a capture) with a handle and workspace of its own per (device, stream), made at bind
+time: bind on the stream that will run (or capture) the call.
+
+``get_rows`` ids are read on the device and clamped to [0, rows) (the NumPy backend raises
+on an out-of-range id; a GPU kernel cannot, and an unchecked id would read out of bounds).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache, partial
+from typing import Any, Callable
+
+import numpy as np
+
+from engine.errors import GGFlatError, UnknownTypeError
+from quant_formats import get_format, tensor_nbytes, type_name
+
+from .compile import load_module
+
+# ggml type id -> kernel-name suffix
+_NAMES = {0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 6: "q5_0", 7: "q5_1", 8: "q8_0",
+          10: "q2_k", 11: "q3_k", 12: "q4_k", 13: "q5_k", 14: "q6_k", 30: "bf16"}
+SUPPORTED_TYPES = frozenset(_NAMES)
+F32, F16, BF16 = 0, 1, 30
+_FLOAT_TYPES = (F32, F16, BF16)
+# elements per (virtual) block and items per block, as in quant.cu (float types: blocks of 8)
+_QK_NI = {F32: (8, 1), F16: (8, 1), BF16: (8, 1), 2: (32, 4), 3: (32, 4), 6: (32, 4), 7: (32, 4),
+          8: (32, 4), 10: (256, 32), 11: (256, 32), 12: (256, 32), 13: (256, 32), 14: (256, 32)}
+# types with the extra R = 4 GEMV variants (the reference models' types)
+_MAIN_TYPES = frozenset({2, 3, 6, 8, 12, 14})
+# (N, R) variants compiled for every type; the main types add (1, 4), (4, 4), (8, 4)
+_VARIANTS = ((1, 1), (1, 2), (2, 2), (4, 2), (8, 2))
+_MAIN_VARIANTS = _VARIANTS + ((1, 4), (4, 4), (8, 4))
+
+DECODE_MAX_N = 8                      # n <= this: GEMV kernels; above: dequantize + cuBLAS
+PREFILL_TILE_BYTES = 64 << 20         # at most this much f16 weight is dequantized at a time
+_ALIGN = 256
+
+_CUDA_R_32F, _CUDA_R_16F = 0, 2       # cudaDataType_t
+_CUBLAS_OP_N, _CUBLAS_OP_T = 0, 1
+_CUBLAS_GEMM_DEFAULT = -1
+
+
+def _align(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+# -- weights ------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class DeviceWeight:
+    """A weight on the GPU in its GGUF form.
+
+    ggml_type: ggml type id; shape: NumPy order (rows..., K), K = shape[-1];
+    data: cupy.uint8 (nbytes,) raw blocks, or cupy.float32 of ``shape`` for F32;
+    nbytes: bytes of the tensor (== data.nbytes).
+    """
+    ggml_type: int
+    shape: tuple[int, ...]
+    data: Any
+    nbytes: int
+    name: str = ""
+    _plans: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def cols(self) -> int:
+        return self.shape[-1]
+
+    @property
+    def rows(self) -> int:
+        return math.prod(self.shape[:-1])
+
+    @property
+    def type_name(self) -> str:
+        return type_name(self.ggml_type)
+
+
+def upload_weight(ws) -> DeviceWeight:
+    """``ws``: a ``ggml_py.WeightSource``. One host-to-device copy of its bytes; blocks stay raw."""
+    import cupy
+    tid = int(ws.ggml_type)
+    if tid not in SUPPORTED_TYPES:
+        get_format(tid)                   # names an unknown id
+        raise UnknownTypeError(f"weight {ws.name!r}: the CuPy backend does not support "
+                               f"ggml type {type_name(tid)} ({tid})")
+    shape = tuple(int(d) for d in ws.shape)
+    if not shape:
+        raise GGFlatError(f"weight {ws.name!r}: a weight needs at least one dimension")
+    nbytes = tensor_nbytes(tid, shape)
+    raw = np.ascontiguousarray(ws.data).reshape(-1).view(np.uint8)
+    if raw.size != nbytes:
+        raise GGFlatError(f"weight {ws.name!r}: {type_name(tid)} {shape} needs {nbytes} bytes, got {raw.size}")
+    if tid == F32:
+        data = cupy.asarray(raw.view(np.float32).reshape(shape))
+    else:
+        data = cupy.empty(nbytes, cupy.uint8)
+        data.set(raw)
+    return DeviceWeight(tid, shape, data, nbytes, ws.name)
+
+
+def _wtype(w) -> tuple[int, int, int]:
+    """(type id, rows M, K) of a DeviceWeight or an f32 activation matrix."""
+    if isinstance(w, DeviceWeight):
+        return w.ggml_type, w.rows, w.cols
+    if w.ndim != 2 or w.dtype != np.float32 or not w.flags.c_contiguous:
+        raise ValueError(f"weight matrix must be a C-contiguous 2-D float32 array, got {w.dtype} {w.shape}")
+    return F32, int(w.shape[0]), int(w.shape[1])
+
+
+def _wdata(w):
+    return w.data if isinstance(w, DeviceWeight) else w
+
+
+def _kernel(name: str):
+    return _module().get_function(name)
+
+
+@lru_cache(maxsize=None)
+def _module():
+    return load_module("quant")
+
+
+def _launch(kern, n_threads: int, args: tuple, block: int = 256) -> Callable[[], None]:
+    """A zero-argument launch of ``kern`` over n_threads threads (1-D grid)."""
+    return partial(kern, (max(1, -(-n_threads // block)),), (block,), args)
+
+
+def _runner(steps: list[Callable[[], None]], stream) -> Callable[[], None]:
+    """Run ``steps`` (zero-argument callables) on ``stream`` (None: the current stream)."""
+    if stream is None:
+        def run() -> None:
+            for f in steps:
+                f()
+    else:
+        def run() -> None:
+            with stream:
+                for f in steps:
+                    f()
+    return run
+
+
+def _check_act(a, shape: tuple[int, int], what: str, align: int = 4) -> None:
+    if a.dtype != np.float32 or tuple(a.shape) != shape or not a.flags.c_contiguous:
+        raise ValueError(f"{what} must be a C-contiguous float32 array of shape {shape}, "
+                         f"got {a.dtype} {tuple(a.shape)}")
+    if a.data.ptr % align:
+        raise ValueError(f"{what} must be {align}-byte aligned")
+
+
+# -- get_rows ---------------------------------------------------------------------------------
+
+def get_rows(w, ids, out, stream=None) -> None:
+    """out (n, C) f32 = rows ids (n,) i32 of w (R, C) (DeviceWeight of any supported type, or a
+    cupy f32 matrix). Ids are clamped to [0, R)."""
+    plan_get_rows(w, ids, out, stream)()
+
+
+def plan_get_rows(w, ids, out, stream=None) -> Callable[[], None]:
+    """get_rows bound to its buffers: a zero-argument callable (one launch)."""
+    tid, R, C = _wtype(w)
+    if ids.dtype != np.int32 or ids.ndim != 1 or not ids.flags.c_contiguous:
+        raise ValueError(f"ids must be a contiguous 1-D int32 array, got {ids.dtype} {ids.shape}")
+    n = int(ids.shape[0])
+    if out.dtype != np.float32 or tuple(out.shape) != (n, C) or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous float32 array of shape {(n, C)}, got {out.dtype} {out.shape}")
+    steps = []
+    if n and C and R:
+        data = _wdata(w)
+        qk, ni = _QK_NI[tid]
+        vec_ok = C % qk == 0 and out.data.ptr % 16 == 0 and data.data.ptr % 16 == 0
+        if vec_ok:
+            nb = C // qk
+            steps.append(_launch(_kernel(f"getrows_{_NAMES[tid]}"), n * nb * ni,
+                                 (data, ids, out, np.int32(n), np.int32(R), np.int32(nb))))
+        elif tid in _FLOAT_TYPES:
+            kind = {F32: 0, F16: 1, BF16: 2}[tid]
+            steps.append(_launch(_kernel("getrows_float_any"), n * C,
+                                 (data, ids, out, np.int32(n), np.int32(R), np.int32(C), np.int32(kind))))
+        else:
+            raise ValueError("get_rows of a quantized weight needs a 16-byte aligned out")
+    return _runner(steps, stream)
+
+
+# -- mul_mat ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Choice:
+    """How out (n, M) = x (n, K) @ W.T is computed for one (type, M, K, n)."""
+    kind: str                 # "mmv" | "gemm16" | "gemm32" | "empty" (n = 0)
+    kernel: str = ""          # mmv: kernel name
+    rows_per_cta: int = 1     # mmv: R
+    warps: int = 1            # mmv: warps per CTA
+    tile_rows: int = 0        # gemm16: weight rows dequantized per tile (0: F16, no dequant)
+    scratch: int = 0          # bytes of scratch needed
+
+
+# GEMV choices, from a sweep on an H100 (benchmarks/bench_cuda_quant.py --sweep): x float4s
+# are shared by R rows, so a larger R saves x traffic (the L1 load path, not DRAM, limits
+# these kernels); the 4- and 5-bit types like R = 4 at n = 1, the byte-heavier Q8_0 and Q6_K
+# R = 2; for n >= 3 R = 4 wins everywhere it is compiled.
+_R4_AT_N1 = frozenset({2, 3, 6, 12})              # Q4_0 Q4_1 Q5_0 Q4_K
+
+
+def _mmv_variant(tid: int, n: int, M: int = 0, items: int = 0) -> tuple[int, int]:
+    """(N, R) of the GEMV kernel for n rows of x (M rows of W, ``items`` items a row)."""
+    main = tid in _MAIN_TYPES
+    if n == 1:
+        if tid == 8 and items <= 128 and M >= 16384:
+            return 1, 4          # Q8_0 lm heads (short rows, huge M): 95.8 us vs 102.6 at R = 2
+        return 1, 4 if tid in _R4_AT_N1 else 2
+    if n == 2:
+        return 2, 2
+    return (4 if n <= 4 else 8), (4 if main else 2)
+
+
+def _mmv_warps(items: int, M: int, R: int, N: int) -> int:
+    """Warps per CTA (they split each row's items): the fewest (a power of two) that put
+    8192 warps (N >= 4: 4096, they hold more registers) in the grid of ceil(M / R) CTAs,
+    at most 8 and at most the row's steps of 32 items rounded up to a power of two.
+    Measured best on the sweep's shapes: K=4096 M=14336 -> 4, K=14336 M=4096 -> 8,
+    M=576 -> 8, and 1 for the lm heads (K=576/640, M=49152/262144: 2-3 steps a row, where
+    splitting rows over warps costs more than it hides: 2 warps were 12% slower)."""
+    steps = -(-items // 32)
+    cap = min(8, 1 << max(0, (steps - 1).bit_length()))
+    target = 8192 if N <= 2 else 4096
+    ctas = -(-M // R)
+    w = 1
+    while w < cap and ctas * w < target:
+        w *= 2
+    return w
+
+
+@lru_cache(maxsize=4096)
+def _choose(tid: int, M: int, K: int, n: int, variant: tuple[int, int] | None = None,
+            warps: int | None = None) -> _Choice:
+    qk, ni = _QK_NI[tid]
+    if n == 0:
+        return _Choice("empty")
+    if K % qk == 0 and (variant is not None or 1 <= n <= DECODE_MAX_N):
+        N, R = variant or _mmv_variant(tid, n, M, K // qk * ni)
+        allowed = _MAIN_VARIANTS if tid in _MAIN_TYPES else _VARIANTS
+        if (N, R) not in allowed or n > N:
+            raise ValueError(f"no GEMV variant N={N}, R={R} for {type_name(tid)} and n={n}")
+        W = warps or _mmv_warps(K // qk * ni, M, R, N)
+        if not 1 <= W <= 8:
+            raise ValueError(f"warps must be in 1..8, got {W}")
+        return _Choice("mmv", f"mmv_{_NAMES[tid]}_n{N}_r{R}", R, W)
+    if tid == F32:
+        return _Choice("gemm32")
+    x16 = _align(n * K * 2)
+    if tid == F16:
+        return _Choice("gemm16", tile_rows=0, scratch=x16)
+    tile = M if M * K * 2 <= PREFILL_TILE_BYTES else max(64, PREFILL_TILE_BYTES // (K * 2) // 64 * 64)
+    tile = min(tile, M)
+    return _Choice("gemm16", tile_rows=tile, scratch=x16 + _align(tile * K * 2))
+
+
+def mul_mat_scratch_bytes(w, n: int) -> int:
+    """Bytes of scratch that ``mul_mat(w, x (n, K), ...)`` needs (0 on the GEMV path)."""
+    tid, M, K = _wtype(w)
+    return _choose(tid, M, K, int(n)).scratch
+
+
+def mul_mat(w, x, out, stream=None, scratch=None) -> None:
+    """out (n, M) f32 = x (n, K) f32 @ W.T; ``scratch``: a cupy array of at least
+    ``mul_mat_scratch_bytes(w, n)`` bytes (None when that is 0)."""
+    plan_mul_mat(w, int(x.shape[0]), scratch)(x, out, stream)
+
+
+def plan_mul_mat(w, n: int, scratch=None, *, variant: tuple[int, int] | None = None,
+                 warps: int | None = None) -> "MulMatPlan":
+    """The mul_mat of ``w`` for n rows of x, chosen once: a callable ``(x, out, stream)``.
+
+    ``variant`` (N, R) and ``warps`` override the GEMV choice (benchmarks)."""
+    if isinstance(w, DeviceWeight) and variant is None and warps is None:
+        key = (int(n), None if scratch is None else (scratch.data.ptr, scratch.nbytes))
+        p = w._plans.get(key)
+        if p is None:
+            p = w._plans[key] = MulMatPlan(w, int(n), scratch)
+        return p
+    return MulMatPlan(w, int(n), scratch, variant=variant, warps=warps)
+
+
+class MulMatPlan:
+    """out (n, M) = x (n, K) @ W.T for one weight and n: ``plan(x, out, stream)``."""
+
+    def __init__(self, w, n: int, scratch=None, *, variant=None, warps=None) -> None:
+        self.w = w
+        self.n = n
+        self.tid, self.M, self.K = _wtype(w)
+        if self.K == 0 or self.M == 0:
+            raise ValueError(f"mul_mat of an empty weight {self.M}x{self.K}")
+        self.choice = _choose(self.tid, self.M, self.K, n, variant, warps)
+        self.scratch = scratch
+        if self.choice.scratch:
+            if scratch is None or scratch.nbytes < self.choice.scratch:
+                have = 0 if scratch is None else scratch.nbytes
+                raise ValueError(f"mul_mat {type_name(self.tid)} {self.M}x{self.K}, n={n}: needs "
+                                 f"{self.choice.scratch} bytes of scratch, got {have}")
+            if not scratch.flags.c_contiguous or scratch.data.ptr % _ALIGN:
+                raise ValueError("scratch must be contiguous and 256-byte aligned")
+        if self.choice.kind == "mmv":
+            self._kern = _kernel(self.choice.kernel)
+        elif self.choice.kind == "gemm16":
+            self._cast = _kernel("cast_f32_f16")
+            if self.tid != F16:
+                generic = self.tid in _FLOAT_TYPES and self.K % 8 != 0
+                self._deq = _kernel("deq16_float_any" if generic else f"deq16_{_NAMES[self.tid]}")
+
+    @property
+    def scratch_bytes(self) -> int:
+        return self.choice.scratch
+
+    def __call__(self, x, out, stream=None) -> None:
+        self.bind(x, out, stream)()
+
+    def bind(self, x, out, stream=None) -> Callable[[], None]:
+        """A zero-argument callable running this mul_mat on these buffers (graph-capturable)."""
+        import cupy
+        n, M, K = self.n, self.M, self.K
+        _check_act(x, (n, K), "x", 16)           # float4 loads (GEMV, f16 cast)
+        _check_act(out, (n, M), "out")
+        if n == 0:
+            return lambda: None
+        data = _wdata(self.w)
+        c = self.choice
+        if c.kind == "mmv":
+            if data.data.ptr % 16:
+                raise ValueError("mul_mat: the weight matrix must be 16-byte aligned")
+            qk, _ = _QK_NI[self.tid]
+            args = (data, x, out, np.int32(M), np.int32(K // qk), np.int32(n))
+            return _runner([partial(self._kern, (-(-M // c.rows_per_cta),), (32 * c.warps,), args)], stream)
+        if c.kind == "gemm32":
+            return _runner([_Gemm(data, _CUDA_R_32F, x, _CUDA_R_32F, out, M, n, K, 0, M, stream)], stream)
+        # gemm16: scratch = [x16 (n, K) | w16 tile (tile_rows, K)], both f16
+        x16 = cupy.ndarray((n, K), cupy.float16, memptr=self.scratch.data)
+        total = n * K
+        vec = total % 4 == 0
+        steps = [_launch(self._cast, total // 4 if vec else total,
+                         (x, x16, np.int64(total), np.int32(1 if vec else 0)))]
+        if self.tid == F16:
+            w16 = data.view(cupy.float16).reshape(M, K)
+            steps.append(_Gemm(w16, _CUDA_R_16F, x16, _CUDA_R_16F, out, M, n, K, 0, M, stream))
+            return _runner(steps, stream)
+        w16 = cupy.ndarray((c.tile_rows, K), cupy.float16, memptr=self.scratch.data + _align(n * K * 2))
+        qk, ni = _QK_NI[self.tid]
+        generic = self.tid in _FLOAT_TYPES and K % 8 != 0
+        rb = tensor_nbytes(self.tid, (1, K))
+        for m0 in range(0, M, c.tile_rows):
+            rows = min(c.tile_rows, M - m0)
+            wt = data[m0:m0 + rows] if self.tid == F32 else data[m0 * rb:(m0 + rows) * rb]
+            if generic:
+                kind = 0 if self.tid == F32 else 2
+                steps.append(_launch(self._deq, rows * K, (wt, w16, np.int64(rows * K), np.int32(kind))))
+            else:
+                steps.append(_launch(self._deq, rows * (K // qk) * ni,
+                                     (wt, w16, np.int32(rows), np.int32(K // qk))))
+            steps.append(_Gemm(w16, _CUDA_R_16F, x16, _CUDA_R_16F, out, rows, n, K, m0, M, stream))
+        return _runner(steps, stream)
+
+
+class _Cublas:
+    """cuBLAS reached through ctypes with a handle of our own, one per (device, stream).
+
+    CuPy's cuBLAS wrappers refuse to run while a stream is being captured, so the prefill
+    GEMM calls the library directly. Each handle gets a user workspace (allocated here, at
+    plan time) so that cuBLAS never allocates during a capture; one handle per stream keeps
+    two streams from sharing a workspace."""
+
+    WORKSPACE = 32 << 20
+    _lib = None
+    _handles: dict[tuple[int, int], "_Cublas"] = {}
+
+    @classmethod
+    def library(cls):
+        if cls._lib is None:
+            import ctypes
+            import os
+            from cupy_backends.cuda.libs import cublas as _loaded    # noqa: F401  (loads libcublas)
+            lib = None
+            for name in ("libcublas.so.13", "libcublas.so.12", "libcublas.so"):
+                try:
+                    lib = ctypes.CDLL(name)
+                    break
+                except OSError:
+                    pass
+            if lib is None and os.path.exists("/proc/self/maps"):   # loaded through an rpath
+                with open("/proc/self/maps") as f:
+                    paths = sorted({ln.split()[-1] for ln in f if "libcublas.so" in ln and "Lt" not in ln})
+                if paths:
+                    lib = ctypes.CDLL(paths[0])
+            if lib is None:
+                raise RuntimeError("cannot find libcublas for the prefill GEMM")
+            c_int, c_vp = ctypes.c_int, ctypes.c_void_p
+            lib.cublasCreate_v2.argtypes = [ctypes.POINTER(c_vp)]
+            lib.cublasSetStream_v2.argtypes = [c_vp, c_vp]
+            lib.cublasSetWorkspace_v2.argtypes = [c_vp, c_vp, ctypes.c_size_t]
+            lib.cublasGemmEx.argtypes = [c_vp, c_int, c_int, c_int, c_int, c_int, c_vp, c_vp, c_int, c_int,
+                                         c_vp, c_int, c_int, c_vp, c_vp, c_int, c_int, c_int, c_int]
+            for fn in (lib.cublasCreate_v2, lib.cublasSetStream_v2, lib.cublasSetWorkspace_v2, lib.cublasGemmEx):
+                fn.restype = c_int
+            cls._lib = lib
+        return cls._lib
+
+    @classmethod
+    def get(cls, stream_ptr: int) -> "_Cublas":
+        import cupy
+        key = (cupy.cuda.Device().id, int(stream_ptr))
+        h = cls._handles.get(key)
+        if h is None:
+            h = cls._handles[key] = cls(stream_ptr)
+        return h
+
+    def __init__(self, stream_ptr: int) -> None:
+        import ctypes
+        import cupy
+        lib = self.library()
+        h = ctypes.c_void_p()
+        _check_cublas(lib.cublasCreate_v2(ctypes.byref(h)), "cublasCreate")
+        self.handle = h
+        self.stream = int(stream_ptr)
+        self.workspace = cupy.empty(self.WORKSPACE, cupy.uint8)
+        self.lib = lib
+
+    def gemm(self, args: tuple) -> None:
+        lib = self.lib
+        _check_cublas(lib.cublasSetStream_v2(self.handle, self.stream), "cublasSetStream")
+        _check_cublas(lib.cublasSetWorkspace_v2(self.handle, self.workspace.data.ptr, self.WORKSPACE),
+                      "cublasSetWorkspace")
+        _check_cublas(lib.cublasGemmEx(self.handle, *args), "cublasGemmEx")
+
+
+def _check_cublas(status: int, what: str) -> None:
+    if status != 0:
+        raise RuntimeError(f"{what} failed with cuBLAS status {status}")
+
+
+class _Gemm:
+    """cuBLAS GemmEx: out[:, m0:m0+m] (row-major, row stride ldc) = B (n, k) @ A (m, k).T with
+    f32 accumulation (CUBLAS_COMPUTE_32F). In cuBLAS's column-major terms C (m x n, ldc) =
+    op(A) op(B) with A the (k x m) matrix transposed (OP_T) and B the (k x n) one (OP_N)."""
+
+    _one = np.ones(1, np.float32)
+    _zero = np.zeros(1, np.float32)
+    _COMPUTE_32F = 68                  # cublasComputeType_t CUBLAS_COMPUTE_32F
+
+    def __init__(self, a, atype: int, b, btype: int, out, m: int, n: int, k: int, m0: int, ldc: int,
+                 stream=None) -> None:
+        import cupy
+        self.a, self.b, self.out = a, b, out          # keep the arrays alive
+        self.args = (_CUBLAS_OP_T, _CUBLAS_OP_N, m, n, k, self._one.ctypes.data, a.data.ptr, atype, k,
+                     b.data.ptr, btype, k, self._zero.ctypes.data, out.data.ptr + 4 * m0, _CUDA_R_32F, ldc,
+                     self._COMPUTE_32F, _CUBLAS_GEMM_DEFAULT)
+        sp = (stream if stream is not None else cupy.cuda.get_current_stream()).ptr
+        self.blas = _Cublas.get(sp)                   # handle + workspace made now, not in a capture
+
+    def __call__(self) -> None:
+        self.blas.gemm(self.args)
