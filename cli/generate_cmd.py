@@ -71,7 +71,7 @@ def generate(model_path, prompt, prompt_file, n_predict, n_ctx, system_prompt, u
     params = sampling_params(kw, cache.n_ctx)
     gen = Generator(model, cache, cache.new_sequence(), prompt_ids, Sampler(params, model.n_vocab),
                     n_predict=n_predict, n_top_logprobs=top_logprobs if as_json else 0,
-                    ignore_eos=ignore_eos, n_batch=n_batch)
+                    ignore_eos=ignore_eos, n_batch=n_batch, want_logprobs=as_json)
     gen.stats.load_seconds = time.perf_counter() - t_load
 
     out = sys.stdout

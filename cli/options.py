@@ -19,11 +19,27 @@ def resolve_model(model_path: str | None) -> str:
     from engine.model_cache import default_model_path
     return str(default_model_path())
 
-BACKENDS = ("numpy",)
+BACKENDS = ("cupy", "numpy")
+
+
+def _resolve_backend(ctx: click.Context, param: click.Parameter, value: str | None) -> str:
+    """--backend: "cupy" when CuPy finds a CUDA GPU, else "numpy"; decided here, at parse time
+    (never for --help), and cheaply: CuPy is imported only when a CUDA driver reports a device."""
+    from ggml_py.backend_cupy import unavailable_reason
+    if value is None:
+        return "cupy" if unavailable_reason() is None else "numpy"
+    if value == "cupy":
+        reason = unavailable_reason()
+        if reason is not None:
+            from engine.errors import GGFlatError
+            raise GGFlatError(f"the cupy backend needs CuPy and a CUDA GPU: {reason}")
+    return value
+
 
 backend_option = click.option(
-    "--backend", type=click.Choice(BACKENDS), default="numpy", show_default=True,
-    help="Compute backend (numpy is the reference; the CuPy GPU backend comes with the GPU engine).")
+    "--backend", type=click.Choice(BACKENDS), default=None, callback=_resolve_backend,
+    show_default="cupy when a CUDA GPU is usable, else numpy",
+    help="Compute backend: cupy (CUDA GPU through CuPy) or numpy (the reference).")
 
 ctx_option = click.option(
     "-c", "--ctx-size", "n_ctx", type=click.IntRange(min=0), default=0,

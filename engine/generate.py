@@ -60,7 +60,7 @@ class TokenEvent:
     id: int
     text: str                      # newly decodable text (may be empty while a UTF-8 char is incomplete)
     piece: bytes                   # this token's own bytes
-    logprob: float                 # log-softmax of the raw logits
+    logprob: float                 # log-softmax of the raw logits (NaN when not computed, see want_logprobs)
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
     is_eog: bool = False
 
@@ -73,7 +73,7 @@ class Generator:
 
     def __init__(self, model: Model, cache: PagedKVCache, seq: Sequence, prompt_ids: Seq[int],
                  sampler: Sampler, n_predict: int = -1, n_top_logprobs: int = 0, ignore_eos: bool = False,
-                 n_batch: int = 512) -> None:
+                 n_batch: int = 512, want_logprobs: bool = True) -> None:
         check_fits(seq.length + len(prompt_ids), seq.capacity)
         if len(prompt_ids) == 0:
             raise ValueError("empty prompt")
@@ -84,6 +84,7 @@ class Generator:
         self.n_top = n_top_logprobs
         self.ignore_eos = ignore_eos
         self.n_batch = n_batch
+        self.want_logprobs = want_logprobs   # False: TokenEvent.logprob may be NaN (greedy on the device)
         self.stats = GenStats()
         self.generated: list[int] = []
 
@@ -99,15 +100,25 @@ class Generator:
         self.stats.prompt_seconds = time.perf_counter() - t0
         self.stats.prompt_tokens = len(self.prompt_ids)
 
+        # Greedy without penalties or logprobs needs no logits on the host: the decode graph
+        # ends in an argmax and only the token id comes back (one 4-byte copy per token).
+        p = self.sampler.params
+        device_greedy = (p.greedy and self.n_top == 0 and not self.want_logprobs and p.repeat_penalty == 1.0
+                         and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0)
+        next_id: int | None = None
         while True:
             t0 = time.perf_counter()
-            tid = self.sampler.sample(logits)
+            if next_id is None:
+                tid = self.sampler.sample(logits)
+                logprob = float(logits[tid]) - logsumexp(logits)
+            else:
+                tid, logprob = next_id, float("nan")
             self.sampler.accept(tid)
             self.generated.append(tid)
             self.stats.gen_tokens += 1
             is_eog = tid in eog and not self.ignore_eos
             ev = TokenEvent(id=tid, text="" if is_eog else decoder.push(tid), piece=tok.token_to_piece(tid),
-                            logprob=float(logits[tid]) - logsumexp(logits), is_eog=is_eog,
+                            logprob=logprob, is_eog=is_eog,
                             top_logprobs=top_k_logprobs(logits, self.n_top) if self.n_top > 0 else [])
             self.stats.eval_seconds += time.perf_counter() - t0
             yield ev
@@ -121,7 +132,10 @@ class Generator:
                 self.stats.stop_reason = "context"
                 break
             t0 = time.perf_counter()
-            logits = model.forward(self.cache, self.seq, [tid])[-1]
+            if device_greedy:
+                next_id = int(model.forward(self.cache, self.seq, [tid], greedy=True)[-1])
+            else:
+                logits = model.forward(self.cache, self.seq, [tid])[-1]
             self.stats.eval_seconds += time.perf_counter() - t0
         tail = decoder.flush()
         if tail:
@@ -134,15 +148,4 @@ def logsumexp(logits: np.ndarray) -> float:
     return mx + float(np.log(np.exp(logits - mx, dtype=np.float32).sum(dtype=np.float64)))
 
 
-def greedy_ids(model: Model, prompt_ids: Seq[int], n: int) -> list[int]:
-    """Greedy continuation of ``n`` tokens (stops after an end-of-generation token); for tests and tools."""
-    from engine.sampling import SamplingParams
-
-    cache = model.new_cache(len(prompt_ids) + n + 1)
-    seq = cache.new_sequence()
-    gen = Generator(model, cache, seq, prompt_ids, Sampler(SamplingParams(temperature=0.0), model.n_vocab),
-                    n_predict=n)
-    return [ev.id for ev in gen if ev.id >= 0]
-
-
-__all__ = ["GenStats", "Generator", "TokenEvent", "greedy_ids"]
+__all__ = ["GenStats", "Generator", "TokenEvent", "logsumexp"]

@@ -17,7 +17,7 @@ from engine.arch import get_arch
 from engine.arch.common import WeightTable
 from engine.config import ModelConfig
 from engine.errors import ContextError, GGFlatError, ModelError
-from ggml_py import Backend, Plan, WeightSource, get_backend
+from ggml_py import Backend, Plan, WeightSource, get_backend, ops
 from kvcache import KVCacheSpec, PagedKVCache, Sequence
 
 DEFAULT_CTX = 4096
@@ -79,19 +79,24 @@ class Model:
         return PagedKVCache(spec, self.backend.alloc_kv(spec), n_ctx)
 
     # -- running ----------------------------------------------------------------------
-    def _plan(self, n_tokens: int, n_out: int, max_pages: int) -> Plan:
-        key = (n_tokens, n_out, max_pages)
+    def _plan(self, n_tokens: int, n_out: int, max_pages: int, greedy: bool = False) -> Plan:
+        key = (n_tokens, n_out, max_pages) + (("argmax",) if greedy else ())
         plan = self._plans.get(key)
         if plan is None:
             graph = self.arch.build_graph(self.config, self.weight_table, n_tokens, n_out, max_pages)
+            if greedy:      # the argmax runs on the device: 4 bytes a row come back, not the logits
+                graph.output("argmax", ops.argmax(graph.outputs.pop("logits")))
             plan = self._plans[key] = self.backend.plan(graph)
         return plan
 
     def forward(self, cache: PagedKVCache, seq: Sequence, tokens: Seq[int] | np.ndarray,
-                out_rows: Seq[int] | np.ndarray | None = None) -> np.ndarray:
-        """Append ``tokens`` to ``seq`` and return logits (len(out_rows), n_vocab) f32.
+                out_rows: Seq[int] | np.ndarray | None = None, greedy: bool = False) -> np.ndarray:
+        """Append ``tokens`` to ``seq`` and return logits (len(out_rows), n_vocab) f32, or with
+        ``greedy`` the argmax token ids (len(out_rows),) int32 (ties: the lowest id).
 
         out_rows: which of the new tokens' logits to return (default: the last one).
+        greedy: raises NonFiniteLogitsError when a row's logits are not finite (NaN, +inf, all -inf),
+        as the sampler would.
         """
         tokens = np.asarray(tokens, dtype=np.int32)
         n = int(tokens.shape[0])
@@ -110,11 +115,17 @@ class Model:
             "out_ids": out_ids,
         }
         try:
-            out = self.backend.run(self._plan(n, len(out_ids), seq.max_pages), inputs, cache.storage)
+            out = self.backend.run(self._plan(n, len(out_ids), seq.max_pages, greedy), inputs, cache.storage)
         except BaseException:
             seq.truncate(start)   # keep the sequence consistent with what the cache holds
             raise
-        return out["logits"]
+        if not greedy:
+            return out["logits"]
+        ids = out["argmax"]
+        if (ids < 0).any():       # ops.argmax: -1 where the row's maximum is not finite
+            from engine.sampling import NonFiniteLogitsError
+            raise NonFiniteLogitsError("model produced NaN or infinite logits")
+        return ids
 
     def prefill(self, cache: PagedKVCache, seq: Sequence, tokens: Seq[int], n_batch: int = DEFAULT_BATCH,
                 all_logits: bool = False) -> np.ndarray:

@@ -62,9 +62,14 @@ class Backend(ABC):
 
 
 def get_backend(name: str, **kwargs: Any) -> Backend:
-    """Backends found by name: ``numpy`` (reference), ``cupy`` (GPU, a later issue)."""
+    """Backends found by name: ``numpy`` (the reference), ``cupy`` (CUDA GPU through CuPy).
+
+    ``cupy`` without CuPy or a GPU raises a one-line GGFlatError saying why."""
     from engine.errors import GGFlatError
     if name == "numpy":
         from .backend_numpy import NumpyBackend
         return NumpyBackend(**kwargs)
-    raise GGFlatError(f"unknown backend {name!r} (available: numpy)")
+    if name == "cupy":
+        from .backend_cupy import CupyBackend     # imports CuPy only when constructed
+        return CupyBackend(**kwargs)
+    raise GGFlatError(f"unknown backend {name!r} (available: cupy, numpy)")

@@ -288,7 +288,7 @@ class NumpyBackend(Backend):
             "scale": self._scale, "silu": self._silu, "gelu": self._gelu, "swiglu": self._swiglu,
             "geglu": self._geglu, "reshape": self._reshape, "rms_norm": self._rms_norm,
             "soft_max": self._soft_max, "rope": self._rope_op, "kv_store": self._kv_store,
-            "attention": self._attention,
+            "attention": self._attention, "argmax": self._argmax,
         }
 
     # -- memory -------------------------------------------------------------------------
@@ -378,7 +378,7 @@ class NumpyBackend(Backend):
             raise
         finally:
             plan.kvref[0] = None
-        return {name: np.array(a, dtype=F32) for name, a in plan.outputs}
+        return {name: np.array(a, dtype=np.int32 if a.dtype == np.int32 else F32) for name, a in plan.outputs}
 
     def _check_kv(self, plan: NumpyPlan, kv: Any) -> NumpyKVStorage:
         if kv is not None and not isinstance(kv, NumpyKVStorage) and isinstance(getattr(kv, "storage", None),
@@ -520,6 +520,20 @@ class NumpyBackend(Backend):
                partial(np.add.reduce, y, -1, None, sm, True),
                partial(np.maximum, sm, F32(FLT_TINY), out=sm),   # ... and its zero sum gives 0/tiny = 0
                partial(np.divide, y, sm, y))
+
+    @staticmethod
+    def _argmax(b: _Builder, t: Tensor) -> None:
+        x = b.val(t.src[0])
+        y = b.out(t).view(np.int32)                        # an i32 view of a pooled 4-byte buffer
+        b.vals[t.index] = y
+        if y.size:
+            idx = np.empty(y.shape, np.intp)               # np.argmax writes only intp
+            mx = np.empty(y.shape, F32)
+            bad = np.empty(y.shape, np.bool_)
+            b.emit(partial(np.argmax, x, -1, idx), partial(np.copyto, y, idx, "same_kind"),
+                   partial(np.maximum.reduce, x, -1, None, mx),     # NaN propagates
+                   partial(np.isfinite, mx, out=bad), partial(np.logical_not, bad, out=bad),
+                   partial(np.copyto, y, np.int32(-1), "same_kind", bad))   # max not finite: -1
 
     # -- rope ----------------------------------------------------------------------------
     def _rope_tables(self, key: tuple[int, float, float], need: int) -> tuple[np.ndarray, np.ndarray]:

@@ -115,6 +115,18 @@ def geglu(gate: Tensor, up: Tensor) -> Tensor:
     return _node("geglu", gate.shape, "f32", (gate, up))
 
 
+def argmax(x: Tensor) -> Tensor:
+    """Index of the largest value of each row (greedy sampling on the device).
+
+    x: (n, V) f32 -> (n,) i32; ties give the lowest index. A row whose maximum is not
+    finite (it holds a NaN or +inf, or every value is -inf) gives -1, so a caller that
+    copies only the ids can still refuse non-finite logits as the sampler does.
+    """
+    _act(x, "argmax")
+    _need(x.ndim == 2 and x.shape[1] >= 1, f"argmax: x must be (n, V) with V >= 1, got {x.shape}")
+    return _node("argmax", (x.shape[0],), "i32", (x,))
+
+
 # -- shape ----------------------------------------------------------------------
 
 def reshape(a: Tensor, shape: tuple[int, ...]) -> Tensor:
