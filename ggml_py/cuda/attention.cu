@@ -1,0 +1,1232 @@
+// Paged KV cache writes and attention of the CuPy backend.
+//
+// Launched by ggml_py/cuda/attention_ops.py (see DESIGN.md in this folder); the NumPy backend's
+// _kv_store / _attention (ggml_py/backend_numpy.py) are the specification, ggml_py/ops.py's
+// docstrings the contract:
+//
+//   k_cache: (n_pages, PAGE, Hkv, DK)  f16 or f32      pos_cache: (n_pages, PAGE) i32, INT32_MAX = empty
+//   v_cache: (n_pages, PAGE, Hkv, DV)                   block_table: (max_pages,) i32
+//   logical slot j of the sequence = physical slot block_table[j / PAGE] * PAGE + j % PAGE
+//   query i sees slot j < kv_len iff pos[j] <= q_pos[i] and (window == 0 or q_pos[i] - pos[j] < window)
+//
+// One module per (storage type, DK, DV, PAGE), chosen at plan time with
+//   -DATTN_KV_F16=1|0 -DATTN_DK=.. -DATTN_DV=.. -DATTN_PAGE=.. -DATTN_DEC_STAGES=.. -DATTN_DEC_TC_STAGES=..
+// so every index division is by a constant and only the variants a model uses get compiled.
+// The defaults below let the file compile stand-alone: nvcc -arch=sm_90 --cubin attention.cu
+//
+// kv_len is read from device memory and every grid is sized at plan time (for the block
+// table's max_pages), so a decode step captured once in a CUDA graph replays correctly as
+// kv_len grows: blocks with nothing to do return at once.
+//
+// Kernels:
+//   kv_store             f32 keys/values -> storage type at their physical slots, positions beside.
+//   attn_decode_tc       flash-decoding (n * H/Hkv <= 8 query rows per kv head), f16 pages: grid
+//                        (splits, Hkv); a block streams 64-key tiles of a run of pages of one kv head
+//                        through a cp.async pipeline once for all its query rows (GQA); each warp
+//                        does 16 keys with mma.m16n8k16 (the rows are the n = 8 side), keeps its own
+//                        online softmax in f32, and the warps' states are merged into one partial
+//                        (max, sum, unnormalised acc) per split.
+//   attn_decode_r4/_r8   the same with f32 FMAs (f32 pages; 4 / 8 rows), 32-key tiles.
+//   attn_decode_reduce   combines the partials of the splits that had work.
+//   attn_prefill_tc_w*   tiled flash attention on the tensor cores (f16 pages): 16 * w query rows
+//                        (query x head of one kv head) by 64 keys per tile, FlashAttention-2 style.
+//   attn_prefill_r1/2/4  the same with f32 FMAs (f32 pages), 16 * r rows.
+// Key tiles no query of a prefill block can see (causal, window: decided from the stored
+// positions) are skipped.
+// Scores live in the log2 domain (q pre-scaled by scale*log2(e)), softmax uses exp2f.
+// No header is included (NVRTC ships none of the host's): f16 conversions are PTX.
+
+#ifndef ATTN_KV_F16
+#define ATTN_KV_F16 1
+#endif
+#ifndef ATTN_DK
+#define ATTN_DK 128
+#endif
+#ifndef ATTN_DV
+#define ATTN_DV ATTN_DK
+#endif
+#ifndef ATTN_PAGE
+#define ATTN_PAGE 16
+#endif
+#ifndef ATTN_DEC_STAGES
+#define ATTN_DEC_STAGES 4
+#endif
+#ifndef ATTN_DEC_TC_STAGES
+#define ATTN_DEC_TC_STAGES 2
+#endif
+
+#define ATTN_INT_MAX 2147483647
+#define ATTN_INT_MIN (-2147483647 - 1)
+#define ATTN_NEG_INF (-__int_as_float(0x7f800000))
+
+#if ATTN_KV_F16
+typedef unsigned short kv_t;          // raw IEEE half bits
+#else
+typedef float kv_t;
+#endif
+
+constexpr int DK = ATTN_DK;
+constexpr int DV = ATTN_DV;
+constexpr int PAGE = ATTN_PAGE;
+constexpr int KVB = (int)sizeof(kv_t);     // bytes per stored element
+constexpr int KCH = DK / 8;                // 8-element chunks per key row
+constexpr int VCH = DV / 8;
+constexpr int KSTR = DK + 16 / KVB;        // shared-memory row strides (elements): +16 bytes so
+constexpr int VSTR = DV + 16 / KVB;        //   consecutive rows start in different bank groups
+static_assert(DK % 8 == 0 && DV % 8 == 0, "head dims must be multiples of 8");
+static_assert(PAGE >= 1, "page size");
+
+// -- small helpers ------------------------------------------------------------------------------
+
+__device__ __forceinline__ void h2x2(unsigned w, float& a, float& b) {
+    asm("{.reg .f16 lo, hi;\n\tmov.b32 {lo, hi}, %2;\n\tcvt.f32.f16 %0, lo;\n\tcvt.f32.f16 %1, hi;}"
+        : "=f"(a), "=f"(b) : "r"(w));
+}
+
+__device__ __forceinline__ unsigned f2h2(float a, float b) {      // round to nearest even, as NumPy
+    unsigned short lo, hi;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(lo) : "f"(a));
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(hi) : "f"(b));
+    return (unsigned)lo | ((unsigned)hi << 16);
+}
+
+// 8 stored elements (16-byte aligned, shared or global) -> 8 floats
+__device__ __forceinline__ void load8(const kv_t* p, float (&x)[8]) {
+#if ATTN_KV_F16
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    h2x2(u.x, x[0], x[1]); h2x2(u.y, x[2], x[3]); h2x2(u.z, x[4], x[5]); h2x2(u.w, x[6], x[7]);
+#else
+    const float4 a = *reinterpret_cast<const float4*>(p);
+    const float4 b = *reinterpret_cast<const float4*>(p + 4);
+    x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w; x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
+#endif
+}
+
+__device__ __forceinline__ float4 f4(float a, float b, float c, float d) {
+    float4 r; r.x = a; r.y = b; r.z = c; r.w = d; return r;
+}
+
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+    unsigned long long a;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
+    return (unsigned)a;
+}
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(smem_u32(dst)), "l"(src) : "memory");
+}
+
+__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" :: "r"(smem_u32(dst)), "l"(src) : "memory");
+}
+
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory"); }
+
+// one 8-element chunk global -> shared (16 or 32 bytes)
+__device__ __forceinline__ void copy_chunk(kv_t* dst, const kv_t* src) {
+    cp_async16(dst, src);
+#if !ATTN_KV_F16
+    cp_async16(dst + 4, src + 4);
+#endif
+}
+
+__device__ __forceinline__ void zero_chunk(kv_t* dst) {
+    uint4 z; z.x = z.y = z.z = z.w = 0u;
+    *reinterpret_cast<uint4*>(dst) = z;
+#if !ATTN_KV_F16
+    *reinterpret_cast<uint4*>(dst + 4) = z;
+#endif
+}
+
+// physical slot of logical slot j, or -1 (beyond end, or a block-table entry outside the cache)
+__device__ __forceinline__ int slot_of(int j, int end, const int* __restrict__ bt, int n_pages) {
+    if (j >= end) return -1;
+    const int page = __ldg(bt + j / PAGE);
+    if ((unsigned)page >= (unsigned)n_pages) return -1;
+    return page * PAGE + j % PAGE;
+}
+
+__device__ __forceinline__ bool visible(int kp, int qp, int window) {
+    return kp <= qp && (window <= 0 || (long long)qp - (long long)kp < (long long)window);
+}
+
+// raw score (q pre-scaled) -> log2-domain logit, softcap applied when cap2 > 0
+__device__ __forceinline__ float logit(float s, float cap2) {
+    return cap2 > 0.f ? cap2 * tanhf(s) : s;
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+    return x;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+
+// sequence length as the kernels see it: kv_len clamped to [0, max_pages * PAGE]
+__device__ __forceinline__ int seq_len(const int* __restrict__ kv_len, int max_pages) {
+    const long long L = (long long)*kv_len;
+    const long long cap = (long long)max_pages * PAGE;
+    return (int)(L < 0 ? 0 : (L > cap ? cap : L));
+}
+
+// =============================================================================================
+// kv_store: k (n, Hkv, DK), v (n, Hkv, DV) f32 -> cache rows at slots[i]; pos_cache[slot] = pos[i].
+// grid (n), 128 threads. Slots outside [0, cap) are skipped (the NumPy backend raises).
+// =============================================================================================
+extern "C" __global__ void __launch_bounds__(128) kv_store(
+    const float* __restrict__ k, const float* __restrict__ v,
+    const int* __restrict__ slots, const int* __restrict__ pos,
+    kv_t* __restrict__ kc, kv_t* __restrict__ vc, int* __restrict__ pc,
+    int hkv, int cap)
+{
+    const int i = blockIdx.x;
+    const int s = slots[i];
+    if (s < 0 || s >= cap) return;
+    if (threadIdx.x == 0) pc[s] = pos[i];
+    const int nk = hkv * DK / 4, nv = hkv * DV / 4;            // float4s per token
+    const float4* ks = reinterpret_cast<const float4*>(k + (size_t)i * hkv * DK);
+    const float4* vs = reinterpret_cast<const float4*>(v + (size_t)i * hkv * DV);
+    kv_t* kd = kc + (size_t)s * hkv * DK;
+    kv_t* vd = vc + (size_t)s * hkv * DV;
+    for (int j = threadIdx.x; j < nk + nv; j += blockDim.x) {
+        const bool isk = j < nk;
+        const int jj = isk ? j : j - nk;
+        const float4 x = isk ? ks[jj] : vs[jj];
+        kv_t* d = (isk ? kd : vd) + 4 * jj;
+#if ATTN_KV_F16
+        uint2 h; h.x = f2h2(x.x, x.y); h.y = f2h2(x.z, x.w);
+        *reinterpret_cast<uint2*>(d) = h;
+#else
+        *reinterpret_cast<float4*>(d) = x;
+#endif
+    }
+}
+
+// Stage TK keys starting at logical slot kbase (this kv head) into shared memory with NT threads:
+// K rows and V rows by 16-byte cp.async, positions by 4-byte cp.async. Keys at or past `end`
+// (or on a block-table entry outside the cache) get zeros and position INT32_MAX, so they are
+// invisible and contribute 0 * 0 to p.v. Caller commits the group.
+template <int TK, int NT>
+__device__ __forceinline__ void stage_tile(
+    kv_t* kb, kv_t* vb, int* pb, int kbase, int end,
+    const kv_t* __restrict__ kh, const kv_t* __restrict__ vh, const int* __restrict__ pc,
+    const int* __restrict__ bt, int n_pages, size_t kstride, size_t vstride)
+{
+    const int tid = threadIdx.x;
+    constexpr int ITK = (TK * KCH + NT - 1) / NT;
+    constexpr int ITV = (TK * VCH + NT - 1) / NT;
+    int sk[ITK], sv[ITV];
+#pragma unroll
+    for (int m = 0; m < ITK; ++m) {            // block-table reads first, all in flight together
+        const int idx = tid + m * NT;
+        sk[m] = idx < TK * KCH ? slot_of(kbase + idx / KCH, end, bt, n_pages) : -1;
+    }
+#pragma unroll
+    for (int m = 0; m < ITV; ++m) {
+        const int idx = tid + m * NT;
+        sv[m] = idx < TK * VCH ? slot_of(kbase + idx / VCH, end, bt, n_pages) : -1;
+    }
+#pragma unroll
+    for (int m = 0; m < ITK; ++m) {
+        const int idx = tid + m * NT;
+        if (idx < TK * KCH) {
+            const int t = idx / KCH, c = idx % KCH;
+            kv_t* dst = kb + t * KSTR + c * 8;
+            if (sk[m] >= 0) copy_chunk(dst, kh + (size_t)sk[m] * kstride + c * 8);
+            else zero_chunk(dst);
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < ITV; ++m) {
+        const int idx = tid + m * NT;
+        if (idx < TK * VCH) {
+            const int t = idx / VCH, c = idx % VCH;
+            kv_t* dst = vb + t * VSTR + c * 8;
+            if (sv[m] >= 0) copy_chunk(dst, vh + (size_t)sv[m] * vstride + c * 8);
+            else zero_chunk(dst);
+        }
+    }
+    for (int t = tid; t < TK; t += NT) {
+        const int s = slot_of(kbase + t, end, bt, n_pages);
+        if (s >= 0) cp_async4(pb + t, pc + s);
+        else pb[t] = ATTN_INT_MAX;
+    }
+}
+
+// Pages per decode split: the pages below kv_len shared evenly by `splits`, rounded up to whole
+// 64-key tiles (when pages divide 64) so no split streams a half-empty tile. The decode kernels
+// and the reduce compute it identically; splits past the end have no work.
+constexpr int SPLIT_KEYS = 64;
+__device__ __forceinline__ int split_pages(int np_used, int splits) {
+    int ppb = (np_used + splits - 1) / splits;
+    if (PAGE < SPLIT_KEYS && SPLIT_KEYS % PAGE == 0) {
+        constexpr int q = SPLIT_KEYS / PAGE;
+        ppb = (ppb + q - 1) / q * q;
+    }
+    return ppb;
+}
+
+// =============================================================================================
+// Decode: flash-decoding over splits of the sequence's pages.
+// =============================================================================================
+constexpr int DEC_NT = 128;                  // threads
+constexpr int DEC_T = 32;                    // keys per tile (one per lane in the softmax)
+constexpr int DEC_NS = ATTN_DEC_STAGES;      // cp.async pipeline depth
+constexpr int DEC_RG = DEC_NT / DEC_T;       // row groups in q.k (4)
+constexpr int DEC_VCG = VCH;                 // column groups (8 values) of a V row in p.v
+constexpr int DEC_KG = DEC_NT / DEC_VCG;     // key groups in p.v
+constexpr int DEC_KPT = (DEC_T + DEC_KG - 1) / DEC_KG;   // keys per thread per tile in p.v
+static_assert(DEC_T == 32, "the decode softmax gives one key to each lane");
+static_assert(DEC_VCG <= DEC_NT, "DV too large for the decode kernel");
+static_assert(DEC_NS >= 2, "at least two stages");
+
+// Shared memory (bytes), in this order -- attention_ops._decode_smem mirrors it:
+//   kbuf [NS][T][KSTR] kv_t | vbuf [NS][T][VSTR] kv_t | pbuf [NS][T] i32 |
+//   qs [RMAX][DK] f32 | S [RMAX][T] f32 | al [RMAX] f32 | qp [RMAX] i32
+// and, after the last tile, red [KG][RMAX][DV] f32 over the start of it (size = max of both).
+//
+// Partials (scratch): ml (splits, Hkv, R, 2) f32 = (running max in log2 units, sum);
+//                     acc (splits, Hkv, R, DV) f32, unnormalised.  R = n * G, row r = i * G + g.
+template <int RMAX>
+__device__ __forceinline__ void decode_impl(
+    const float* __restrict__ q, const kv_t* __restrict__ kc, const kv_t* __restrict__ vc,
+    const int* __restrict__ pc, const int* __restrict__ bt, const int* __restrict__ kv_len,
+    const int* __restrict__ q_pos, float* __restrict__ part_ml, float* __restrict__ part_acc,
+    int n, int H, int Hkv, int n_pages, int max_pages, int splits,
+    float qscale, float cap2, int window)
+{
+    static_assert(RMAX % DEC_RG == 0, "rows per block");
+    constexpr int RPT = RMAX / DEC_RG;       // rows per thread in q.k, and per warp in the softmax
+    extern __shared__ __align__(16) unsigned char smem[];
+
+    const int tid = threadIdx.x;
+    const int split = blockIdx.x, kvh = blockIdx.y;
+    const int G = H / Hkv, R = n * G;
+    const int L = seq_len(kv_len, max_pages);
+    const int np_used = (L + PAGE - 1) / PAGE;
+    const int ppb = split_pages(np_used, splits);        // pages per split (0 when L == 0)
+    const int p0 = split * ppb;
+    if (p0 >= np_used) return;                           // nothing here: the reduce skips this split
+    const int key0 = p0 * PAGE;
+    const int key_end = min(L, (p0 + ppb) * PAGE);
+    const int n_tiles = (key_end - key0 + DEC_T - 1) / DEC_T;
+
+    kv_t* kbuf = reinterpret_cast<kv_t*>(smem);
+    kv_t* vbuf = kbuf + DEC_NS * DEC_T * KSTR;
+    int* pbuf = reinterpret_cast<int*>(vbuf + DEC_NS * DEC_T * VSTR);
+    float* qs = reinterpret_cast<float*>(pbuf + DEC_NS * DEC_T);
+    float* S = qs + RMAX * DK;
+    float* al = S + RMAX * DEC_T;
+    int* qp = reinterpret_cast<int*>(al + RMAX);
+
+    const size_t kstride = (size_t)Hkv * DK, vstride = (size_t)Hkv * DV;   // elements per slot
+    const kv_t* kh = kc + (size_t)kvh * DK;
+    const kv_t* vh = vc + (size_t)kvh * DV;
+
+    auto issue = [&](int tile) {
+        const int buf = tile % DEC_NS;
+        stage_tile<DEC_T, DEC_NT>(kbuf + buf * DEC_T * KSTR, vbuf + buf * DEC_T * VSTR, pbuf + buf * DEC_T,
+                                  key0 + tile * DEC_T, key_end, kh, vh, pc, bt, n_pages, kstride, vstride);
+    };
+
+    // prologue: queries (pre-scaled, f32) and their positions; first NS-1 tiles in flight
+#pragma unroll
+    for (int s = 0; s < DEC_NS - 1; ++s) {
+        if (s < n_tiles) issue(s);
+        cp_commit();
+    }
+    for (int idx = tid; idx < RMAX * DK; idx += DEC_NT) {
+        const int r = idx / DK, d = idx % DK;
+        float x = 0.f;
+        if (r < R) x = q[((size_t)(r / G) * H + kvh * G + r % G) * DK + d] * qscale;
+        qs[idx] = x;
+    }
+    if (tid < RMAX) qp[tid] = tid < R ? q_pos[tid / G] : ATTN_INT_MIN;
+
+    const int warp = tid / 32, lane = tid % 32;
+    float m_run[RPT], l_run[RPT];
+#pragma unroll
+    for (int i = 0; i < RPT; ++i) { m_run[i] = ATTN_NEG_INF; l_run[i] = 0.f; }
+    const int cg = tid % DEC_VCG, kg = tid / DEC_VCG;      // p.v: column group, key group
+    float acc[RMAX][8];
+#pragma unroll
+    for (int r = 0; r < RMAX; ++r)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[r][e] = 0.f;
+
+    for (int tt = 0; tt < n_tiles; ++tt) {
+        cp_wait<DEC_NS - 2>();                   // this thread's copies of tile tt have landed
+        __syncthreads();                         // ... everyone's; and tile tt-1 is consumed
+        if (tt + DEC_NS - 1 < n_tiles) issue(tt + DEC_NS - 1);
+        cp_commit();
+        const int buf = tt % DEC_NS;
+        const kv_t* kb = kbuf + buf * DEC_T * KSTR;
+        const kv_t* vb = vbuf + buf * DEC_T * VSTR;
+        const int* pb = pbuf + buf * DEC_T;
+
+        {   // scores: thread = (key t, row group rg), rows rg + 4 i
+            const int t = tid % DEC_T, rg = tid / DEC_T;
+            float s[RPT];
+#pragma unroll
+            for (int i = 0; i < RPT; ++i) s[i] = 0.f;
+#pragma unroll 4
+            for (int c = 0; c < KCH; ++c) {
+                float kx[8];
+                load8(kb + t * KSTR + c * 8, kx);
+#pragma unroll
+                for (int i = 0; i < RPT; ++i) {
+                    const float* qr = qs + (rg + DEC_RG * i) * DK + c * 8;
+                    const float4 a = *reinterpret_cast<const float4*>(qr);
+                    const float4 b = *reinterpret_cast<const float4*>(qr + 4);
+                    float x = s[i];
+                    x = fmaf(a.x, kx[0], x); x = fmaf(a.y, kx[1], x); x = fmaf(a.z, kx[2], x); x = fmaf(a.w, kx[3], x);
+                    x = fmaf(b.x, kx[4], x); x = fmaf(b.y, kx[5], x); x = fmaf(b.z, kx[6], x); x = fmaf(b.w, kx[7], x);
+                    s[i] = x;
+                }
+            }
+            const int kp = pb[t];
+#pragma unroll
+            for (int i = 0; i < RPT; ++i) {
+                const int r = rg + DEC_RG * i;
+                S[r * DEC_T + t] = (r < R && visible(kp, qp[r], window)) ? logit(s[i], cap2) : ATTN_NEG_INF;
+            }
+        }
+        __syncthreads();
+        {   // online softmax: warp w owns rows w + 4 i, one key per lane
+#pragma unroll
+            for (int i = 0; i < RPT; ++i) {
+                const int r = warp + DEC_RG * i;
+                const float sc = S[r * DEC_T + lane];
+                const float m_new = fmaxf(m_run[i], warp_max(sc));
+                const float p = sc == ATTN_NEG_INF ? 0.f : exp2f(sc - m_new);
+                const float a = m_run[i] == ATTN_NEG_INF ? 0.f : exp2f(m_run[i] - m_new);
+                l_run[i] = l_run[i] * a + warp_sum(p);
+                m_run[i] = m_new;
+                S[r * DEC_T + lane] = p;
+                if (lane == 0) al[r] = a;
+            }
+        }
+        __syncthreads();
+        if (kg < DEC_KG) {   // acc = acc * alpha + p.v: thread = (column group cg, key group kg)
+#pragma unroll
+            for (int r = 0; r < RMAX; ++r) {
+                const float a = al[r];
+#pragma unroll
+                for (int e = 0; e < 8; ++e) acc[r][e] *= a;
+            }
+#pragma unroll
+            for (int u = 0; u < DEC_KPT; ++u) {
+                const int t = kg + DEC_KG * u;
+                if (DEC_T % DEC_KG == 0 || t < DEC_T) {
+                    float vx[8];
+                    load8(vb + t * VSTR + cg * 8, vx);
+#pragma unroll
+                    for (int r = 0; r < RMAX; ++r) {
+                        const float p = S[r * DEC_T + t];
+#pragma unroll
+                        for (int e = 0; e < 8; ++e) acc[r][e] = fmaf(p, vx[e], acc[r][e]);
+                    }
+                }
+            }
+        }
+    }
+
+    // epilogue: sum the key groups' accumulators through shared memory, write the partials
+    cp_wait<0>();
+    __syncthreads();
+    float* red = reinterpret_cast<float*>(smem);          // [KG][RMAX][DV]
+    if (kg < DEC_KG) {
+#pragma unroll
+        for (int r = 0; r < RMAX; ++r) {
+            float* d = red + (kg * RMAX + r) * DV + cg * 8;
+            *reinterpret_cast<float4*>(d) = f4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+            *reinterpret_cast<float4*>(d + 4) = f4(acc[r][4], acc[r][5], acc[r][6], acc[r][7]);
+        }
+    }
+    const size_t pbase = ((size_t)split * Hkv + kvh) * R;
+    if (lane == 0) {
+#pragma unroll
+        for (int i = 0; i < RPT; ++i) {
+            const int r = warp + DEC_RG * i;
+            if (r < R) {
+                part_ml[(pbase + r) * 2] = m_run[i];
+                part_ml[(pbase + r) * 2 + 1] = l_run[i];
+            }
+        }
+    }
+    __syncthreads();
+    for (int idx = tid; idx < R * DV; idx += DEC_NT) {
+        const int r = idx / DV, d = idx % DV;
+        float x = 0.f;
+#pragma unroll
+        for (int g = 0; g < DEC_KG; ++g) x += red[(g * RMAX + r) * DV + d];
+        part_acc[(pbase + r) * DV + d] = x;
+    }
+}
+
+#define ATTN_DECODE_ARGS                                                                           \
+    const float* __restrict__ q, const kv_t* __restrict__ kc, const kv_t* __restrict__ vc,         \
+    const int* __restrict__ pc, const int* __restrict__ bt, const int* __restrict__ kv_len,        \
+    const int* __restrict__ q_pos, float* __restrict__ part_ml, float* __restrict__ part_acc,      \
+    int n, int H, int Hkv, int n_pages, int max_pages, int splits, float qscale, float cap2, int window
+#define ATTN_DECODE_PASS q, kc, vc, pc, bt, kv_len, q_pos, part_ml, part_acc, n, H, Hkv, n_pages, \
+    max_pages, splits, qscale, cap2, window
+
+extern "C" __global__ void __launch_bounds__(DEC_NT) attn_decode_r4(ATTN_DECODE_ARGS) {
+    decode_impl<4>(ATTN_DECODE_PASS);
+}
+extern "C" __global__ void __launch_bounds__(DEC_NT) attn_decode_r8(ATTN_DECODE_ARGS) {
+    decode_impl<8>(ATTN_DECODE_PASS);
+}
+
+// block-wide reductions; `tmp` holds one float per warp
+template <int NWARP>
+__device__ __forceinline__ float block_max(float x, float* tmp) {
+    x = warp_max(x);
+    if ((threadIdx.x & 31) == 0) tmp[threadIdx.x >> 5] = x;
+    __syncthreads();
+    x = tmp[0];
+#pragma unroll
+    for (int w = 1; w < NWARP; ++w) x = fmaxf(x, tmp[w]);
+    __syncthreads();
+    return x;
+}
+
+template <int NWARP>
+__device__ __forceinline__ float block_sum(float x, float* tmp) {
+    x = warp_sum(x);
+    if ((threadIdx.x & 31) == 0) tmp[threadIdx.x >> 5] = x;
+    __syncthreads();
+    x = tmp[0];
+#pragma unroll
+    for (int w = 1; w < NWARP; ++w) x += tmp[w];
+    __syncthreads();
+    return x;
+}
+
+// Combine the splits' partials: grid (n * H, DV / (4 * RED_CPB)), RED_NT threads, dynamic shared
+// memory splits * 4 bytes. Each block owns RED_CPB float4 columns of one output row; its threads
+// are (column, split group) so the partials are read with many loads in flight (the splits of
+// one row are few rows of work but many dependent reads if one thread walked them).
+// out[i, h*DV + d] = sum_s w_s acc_s[d] / sum_s w_s l_s, w_s = 2^(m_s - max m); zeros if nothing visible.
+constexpr int RED_NT = 256;
+constexpr int RED_DC = DV / 4;                                   // float4 columns of a row
+constexpr int RED_CPB = RED_DC % 8 == 0 ? 8 : (RED_DC % 4 == 0 ? 4 : (RED_DC % 2 == 0 ? 2 : 1));
+constexpr int RED_SG = RED_NT / RED_CPB;                         // split groups
+extern "C" __global__ void __launch_bounds__(RED_NT) attn_decode_reduce(
+    const float* __restrict__ part_ml, const float* __restrict__ part_acc,
+    const int* __restrict__ kv_len, float* __restrict__ out,
+    int n, int H, int Hkv, int max_pages, int splits)
+{
+    extern __shared__ float wsplit[];
+    __shared__ float tmp[RED_NT / 32];
+    __shared__ float4 red[RED_SG][RED_CPB];
+    const int tid = threadIdx.x;
+    const int row = blockIdx.x;                      // i * H + h
+    const int i = row / H, h = row % H;
+    const int G = H / Hkv, kvh = h / G, R = n * G;
+    const int r = i * G + h % G;
+    const int L = seq_len(kv_len, max_pages);
+    const int np_used = (L + PAGE - 1) / PAGE;
+    const int ppb = split_pages(np_used, splits);
+    const int active = ppb > 0 ? (np_used + ppb - 1) / ppb : 0;
+
+    float mx = ATTN_NEG_INF;
+    for (int s = tid; s < active; s += RED_NT)
+        mx = fmaxf(mx, part_ml[(((size_t)s * Hkv + kvh) * R + r) * 2]);
+    mx = block_max<RED_NT / 32>(mx, tmp);
+    float lsum = 0.f;
+    for (int s = tid; s < active; s += RED_NT) {
+        const size_t b = (((size_t)s * Hkv + kvh) * R + r) * 2;
+        const float m = part_ml[b];
+        const float w = m == ATTN_NEG_INF ? 0.f : exp2f(m - mx);
+        wsplit[s] = w;
+        lsum += w * part_ml[b + 1];
+    }
+    lsum = block_sum<RED_NT / 32>(lsum, tmp);        // (its barrier publishes wsplit)
+    const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+
+    const int c = tid % RED_CPB, sg = tid / RED_CPB;
+    const int col = blockIdx.y * RED_CPB + c;        // float4 column
+    float4 a = f4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 4
+    for (int s = sg; s < active; s += RED_SG) {
+        const float w = wsplit[s];
+        const float4 x = reinterpret_cast<const float4*>(part_acc + (((size_t)s * Hkv + kvh) * R + r) * DV)[col];
+        a.x = fmaf(w, x.x, a.x); a.y = fmaf(w, x.y, a.y); a.z = fmaf(w, x.z, a.z); a.w = fmaf(w, x.w, a.w);
+    }
+    red[sg][c] = a;
+    __syncthreads();
+#pragma unroll
+    for (int half = RED_SG / 2; half > 0; half >>= 1) {          // tree over the split groups
+        if (sg < half) {
+            const float4 x = red[sg + half][c];
+            a.x += x.x; a.y += x.y; a.z += x.z; a.w += x.w;
+            red[sg][c] = a;
+        }
+        __syncthreads();
+    }
+    if (sg == 0) {
+        a.x *= inv; a.y *= inv; a.z *= inv; a.w *= inv;
+        reinterpret_cast<float4*>(out + (size_t)i * H * DV + (size_t)h * DV)[col] = a;
+    }
+}
+
+// =============================================================================================
+// Prefill: tiled flash attention. grid (ceil(n*G / BR), Hkv), 128 threads, BR = 16 * RPT rows.
+// Thread (rg = tid / 8, cg = tid % 8) owns rows rg + 16 i and, in q.k, keys cg + 8 j of a tile;
+// in p.v, output columns (cg + 8 u) * 8 .. +8. The 8 threads of a row are 8 consecutive lanes,
+// so row max / sum are 3 shuffles.
+// =============================================================================================
+constexpr int PF_NT = 128;
+constexpr int PF_BC = 64;                     // keys per tile
+constexpr int PF_PSTR = PF_BC + 8;            // P row stride (floats): rows 8 banks apart
+constexpr int PF_VCPT = (VCH + 7) / 8;        // 8-column chunks of the output per thread
+
+// Shared memory (bytes), in this order -- attention_ops._prefill_smem mirrors it:
+//   Qs [BR][DK+4] f32 | Ks [BC][KSTR] kv_t | Vs [BC][VSTR] kv_t | Ps [BR][PSTR] f32 |
+//   kpos [BC] i32 | kslot [BC] i32 | qp [BR] i32
+template <int RPT>
+__device__ __forceinline__ void prefill_impl(
+    const float* __restrict__ q, const kv_t* __restrict__ kc, const kv_t* __restrict__ vc,
+    const int* __restrict__ pc, const int* __restrict__ bt, const int* __restrict__ kv_len,
+    const int* __restrict__ q_pos, float* __restrict__ out,
+    int n, int H, int Hkv, int n_pages, int max_pages, float qscale, float cap2, int window)
+{
+    constexpr int BR = 16 * RPT;
+    constexpr int QSTR = DK + 4;
+    extern __shared__ __align__(16) unsigned char smem[];
+    float* Qs = reinterpret_cast<float*>(smem);
+    kv_t* Ks = reinterpret_cast<kv_t*>(Qs + BR * QSTR);
+    kv_t* Vs = Ks + PF_BC * KSTR;
+    float* Ps = reinterpret_cast<float*>(Vs + PF_BC * VSTR);
+    int* kpos = reinterpret_cast<int*>(Ps + BR * PF_PSTR);
+    int* kslot = kpos + PF_BC;
+    int* qps = kslot + PF_BC;
+
+    const int tid = threadIdx.x, rg = tid >> 3, cg = tid & 7;
+    const int kvh = blockIdx.y, row0 = blockIdx.x * BR;
+    const int G = H / Hkv, R = n * G;
+    const int L = seq_len(kv_len, max_pages);
+
+    // queries of this block, pre-scaled, f32
+    for (int idx = tid; idx < BR * (DK / 4); idx += PF_NT) {
+        const int r = idx / (DK / 4), c4 = idx % (DK / 4);
+        const int gr = row0 + r;
+        float4 x = f4(0.f, 0.f, 0.f, 0.f);
+        if (gr < R) {
+            x = reinterpret_cast<const float4*>(q + ((size_t)(gr / G) * H + kvh * G + gr % G) * DK)[c4];
+            x.x *= qscale; x.y *= qscale; x.z *= qscale; x.w *= qscale;
+        }
+        *reinterpret_cast<float4*>(Qs + r * QSTR + c4 * 4) = x;
+    }
+    if (tid < BR) qps[tid] = row0 + tid < R ? q_pos[(row0 + tid) / G] : ATTN_INT_MIN;
+    __syncthreads();
+    int qmin = ATTN_INT_MAX, qmax = ATTN_INT_MIN;        // positions of the block's queries
+    for (int r = 0; r < BR; ++r)
+        if (row0 + r < R) { qmin = min(qmin, qps[r]); qmax = max(qmax, qps[r]); }
+    int myqp[RPT];
+    bool myok[RPT];
+#pragma unroll
+    for (int i = 0; i < RPT; ++i) {
+        myqp[i] = qps[rg + 16 * i];
+        myok[i] = row0 + rg + 16 * i < R;
+    }
+
+    float m_run[RPT], l_run[RPT], o[RPT][PF_VCPT * 8];
+#pragma unroll
+    for (int i = 0; i < RPT; ++i) {
+        m_run[i] = ATTN_NEG_INF; l_run[i] = 0.f;
+#pragma unroll
+        for (int e = 0; e < PF_VCPT * 8; ++e) o[i][e] = 0.f;
+    }
+
+    const int n_kt = (L + PF_BC - 1) / PF_BC;
+    for (int kt = 0; kt < n_kt; ++kt) {
+        const int kbase = kt * PF_BC;
+        __syncthreads();                                  // the last tile's K, V, P are consumed
+        bool vis = false;
+        if (tid < PF_BC) {
+            const int s = slot_of(kbase + tid, L, bt, n_pages);
+            const int p = s >= 0 ? pc[s] : ATTN_INT_MAX;
+            kslot[tid] = s;
+            kpos[tid] = p;
+            vis = p <= qmax && (window <= 0 || (long long)p + window > (long long)qmin);
+        }
+        if (!__syncthreads_or(vis)) continue;            // no query of the block sees this tile
+
+        for (int idx = tid; idx < PF_BC * KCH; idx += PF_NT) {
+            const int t = idx / KCH, c = idx % KCH, s = kslot[t];
+            kv_t* dst = Ks + t * KSTR + c * 8;
+            if (s >= 0) copy_chunk(dst, kc + ((size_t)s * Hkv + kvh) * DK + c * 8);
+            else zero_chunk(dst);
+        }
+        cp_commit();
+        for (int idx = tid; idx < PF_BC * VCH; idx += PF_NT) {
+            const int t = idx / VCH, c = idx % VCH, s = kslot[t];
+            kv_t* dst = Vs + t * VSTR + c * 8;
+            if (s >= 0) copy_chunk(dst, vc + ((size_t)s * Hkv + kvh) * DV + c * 8);
+            else zero_chunk(dst);
+        }
+        cp_commit();
+        cp_wait<1>();                                     // K is here (V may still be in flight)
+        __syncthreads();
+
+        float s[RPT][8];
+#pragma unroll
+        for (int i = 0; i < RPT; ++i)
+#pragma unroll
+            for (int j = 0; j < 8; ++j) s[i][j] = 0.f;
+#pragma unroll 2
+        for (int c = 0; c < KCH; ++c) {
+            float qv[RPT][8];
+#pragma unroll
+            for (int i = 0; i < RPT; ++i) {
+                const float* qr = Qs + (rg + 16 * i) * QSTR + c * 8;
+                const float4 a = *reinterpret_cast<const float4*>(qr);
+                const float4 b = *reinterpret_cast<const float4*>(qr + 4);
+                qv[i][0] = a.x; qv[i][1] = a.y; qv[i][2] = a.z; qv[i][3] = a.w;
+                qv[i][4] = b.x; qv[i][5] = b.y; qv[i][6] = b.z; qv[i][7] = b.w;
+            }
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                float kx[8];
+                load8(Ks + (cg + 8 * j) * KSTR + c * 8, kx);
+#pragma unroll
+                for (int i = 0; i < RPT; ++i)
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) s[i][j] = fmaf(qv[i][e], kx[e], s[i][j]);
+            }
+        }
+
+        // mask, softcap, online softmax (row state replicated in the row's 8 lanes)
+#pragma unroll
+        for (int i = 0; i < RPT; ++i) {
+            float mx = ATTN_NEG_INF;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const int kp = kpos[cg + 8 * j];
+                s[i][j] = (myok[i] && visible(kp, myqp[i], window)) ? logit(s[i][j], cap2) : ATTN_NEG_INF;
+                mx = fmaxf(mx, s[i][j]);
+            }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+            const float m_new = fmaxf(m_run[i], mx);
+            const float a = m_run[i] == ATTN_NEG_INF ? 0.f : exp2f(m_run[i] - m_new);
+            float rs = 0.f;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const float p = s[i][j] == ATTN_NEG_INF ? 0.f : exp2f(s[i][j] - m_new);
+                rs += p;
+                Ps[(rg + 16 * i) * PF_PSTR + cg + 8 * j] = p;
+            }
+            rs += __shfl_xor_sync(0xffffffffu, rs, 1);
+            rs += __shfl_xor_sync(0xffffffffu, rs, 2);
+            rs += __shfl_xor_sync(0xffffffffu, rs, 4);
+            l_run[i] = l_run[i] * a + rs;
+            m_run[i] = m_new;
+#pragma unroll
+            for (int e = 0; e < PF_VCPT * 8; ++e) o[i][e] *= a;
+        }
+        cp_wait<0>();
+        __syncthreads();                                  // P and V are visible
+
+#pragma unroll 4
+        for (int c = 0; c < PF_BC; ++c) {
+            float p[RPT];
+#pragma unroll
+            for (int i = 0; i < RPT; ++i) p[i] = Ps[(rg + 16 * i) * PF_PSTR + c];
+#pragma unroll
+            for (int u = 0; u < PF_VCPT; ++u) {
+                const int ch = cg + 8 * u;
+                if (VCH % 8 == 0 || ch < VCH) {
+                    float vx[8];
+                    load8(Vs + c * VSTR + ch * 8, vx);
+#pragma unroll
+                    for (int i = 0; i < RPT; ++i)
+#pragma unroll
+                        for (int e = 0; e < 8; ++e) o[i][u * 8 + e] = fmaf(p[i], vx[e], o[i][u * 8 + e]);
+                }
+            }
+        }
+    }
+
+#pragma unroll
+    for (int i = 0; i < RPT; ++i) {
+        const int gr = row0 + rg + 16 * i;
+        if (gr < R) {
+            const float inv = l_run[i] > 0.f ? 1.f / l_run[i] : 0.f;
+            float* dst = out + (size_t)(gr / G) * H * DV + (size_t)(kvh * G + gr % G) * DV;
+#pragma unroll
+            for (int u = 0; u < PF_VCPT; ++u) {
+                const int ch = cg + 8 * u;
+                if (VCH % 8 == 0 || ch < VCH) {
+                    const float* x = o[i] + u * 8;
+                    *reinterpret_cast<float4*>(dst + ch * 8) = f4(x[0] * inv, x[1] * inv, x[2] * inv, x[3] * inv);
+                    *reinterpret_cast<float4*>(dst + ch * 8 + 4) = f4(x[4] * inv, x[5] * inv, x[6] * inv, x[7] * inv);
+                }
+            }
+        }
+    }
+}
+
+#define ATTN_PREFILL_ARGS                                                                          \
+    const float* __restrict__ q, const kv_t* __restrict__ kc, const kv_t* __restrict__ vc,         \
+    const int* __restrict__ pc, const int* __restrict__ bt, const int* __restrict__ kv_len,        \
+    const int* __restrict__ q_pos, float* __restrict__ out,                                        \
+    int n, int H, int Hkv, int n_pages, int max_pages, float qscale, float cap2, int window
+#define ATTN_PREFILL_PASS q, kc, vc, pc, bt, kv_len, q_pos, out, n, H, Hkv, n_pages, max_pages, \
+    qscale, cap2, window
+
+extern "C" __global__ void __launch_bounds__(PF_NT) attn_prefill_r1(ATTN_PREFILL_ARGS) {
+    prefill_impl<1>(ATTN_PREFILL_PASS);
+}
+extern "C" __global__ void __launch_bounds__(PF_NT) attn_prefill_r2(ATTN_PREFILL_ARGS) {
+    prefill_impl<2>(ATTN_PREFILL_PASS);
+}
+#if ATTN_DV <= 128
+extern "C" __global__ void __launch_bounds__(PF_NT) attn_prefill_r4(ATTN_PREFILL_ARGS) {
+    prefill_impl<4>(ATTN_PREFILL_PASS);
+}
+#endif
+
+// =============================================================================================
+// Prefill on the tensor cores (f16 pages only): mma.sync m16n8k16, f16 operands, f32 accumulation.
+// grid (ceil(n*G / (16*NW)), Hkv), 32*NW threads; warp w owns rows 16w..16w+15 of the block, a
+// tile is 64 keys. q (pre-scaled by scale*log2 e) and p are rounded to f16 for the products
+// (NMSE ~1e-7 against the f32 reference); scores, softmax state and the output stay f32.
+// Fragment layouts (PTX ISA, mma.m16n8k16 .f16): lane = 4 * g + t4;
+//   A (16x16, row):  a0 = A[g][2t4..+1]  a1 = A[g+8][2t4..]  a2 = A[g][2t4+8..]  a3 = A[g+8][2t4+8..]
+//   B (16x8, col):   b0 = B[2t4..+1][g]  b1 = B[2t4+8..][g]
+//   C (16x8, f32):   c0,c1 = C[g][2t4..+1]  c2,c3 = C[g+8][2t4..+1]
+// so the S accumulators of key columns 16kk..16kk+15 are exactly the A fragment of P for the
+// k-step kk of P.V (FlashAttention-2's register reuse). Q and K fragments come from row-major
+// shared memory through ldmatrix, V's through ldmatrix.trans.
+// Shared memory (bytes) -- attention_ops._prefill_tc_smem mirrors it:
+//   Qs [BR][KSTR] f16 | Ks [BC][KSTR] f16 | Vs [BC][VSTR] f16 | kpos [BC] i32 | kslot [BC] i32 | qp [BR] i32
+// =============================================================================================
+#if ATTN_KV_F16
+constexpr int TC_BC = DV > 128 ? 32 : 64;    // keys per tile (32 keeps d=256 in registers)
+
+// ldmatrix from a shared-space byte address
+__device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], unsigned addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
+__device__ __forceinline__ void ldsm_x4_t(unsigned (&r)[4], unsigned addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
+__device__ __forceinline__ void mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <int NW>
+__device__ __forceinline__ void prefill_tc_impl(
+    const float* __restrict__ q, const kv_t* __restrict__ kc, const kv_t* __restrict__ vc,
+    const int* __restrict__ pc, const int* __restrict__ bt, const int* __restrict__ kv_len,
+    const int* __restrict__ q_pos, float* __restrict__ out,
+    int n, int H, int Hkv, int n_pages, int max_pages, float qscale, float cap2, int window)
+{
+    static_assert(DK % 16 == 0 && DV % 16 == 0, "tensor-core prefill needs head dims % 16 == 0");
+    constexpr int NT = 32 * NW, BR = 16 * NW;
+    constexpr int NKS = DK / 16;           // k-steps of q.k
+    constexpr int NST = TC_BC / 8;         // 8-key column tiles of S (8)
+    constexpr int NOT = DV / 8;            // 8-column tiles of O
+    extern __shared__ __align__(16) unsigned char smem[];
+    kv_t* Qs = reinterpret_cast<kv_t*>(smem);
+    kv_t* Ks = Qs + BR * KSTR;
+    kv_t* Vs = Ks + TC_BC * KSTR;
+    int* kpos = reinterpret_cast<int*>(Vs + TC_BC * VSTR);
+    int* kslot = kpos + TC_BC;
+    int* qps = kslot + TC_BC;
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int kvh = blockIdx.y, row0 = blockIdx.x * BR;
+    const int G = H / Hkv, R = n * G;
+    const int L = seq_len(kv_len, max_pages);
+
+    for (int idx = tid; idx < BR * (DK / 4); idx += NT) {          // q rows -> f16, pre-scaled
+        const int r = idx / (DK / 4), c4 = idx % (DK / 4);
+        const int gr = row0 + r;
+        float4 x = f4(0.f, 0.f, 0.f, 0.f);
+        if (gr < R) x = reinterpret_cast<const float4*>(q + ((size_t)(gr / G) * H + kvh * G + gr % G) * DK)[c4];
+        uint2 h;
+        h.x = f2h2(x.x * qscale, x.y * qscale);
+        h.y = f2h2(x.z * qscale, x.w * qscale);
+        *reinterpret_cast<uint2*>(Qs + r * KSTR + c4 * 4) = h;
+    }
+    if (tid < BR) qps[tid] = row0 + tid < R ? q_pos[(row0 + tid) / G] : ATTN_INT_MIN;
+    __syncthreads();
+    int qmin = ATTN_INT_MAX, qmax = ATTN_INT_MIN;
+    for (int r = 0; r < BR; ++r)
+        if (row0 + r < R) { qmin = min(qmin, qps[r]); qmax = max(qmax, qps[r]); }
+    const int lr0 = warp * 16 + g, lr1 = lr0 + 8;                  // this thread's two rows
+    const int qp0 = qps[lr0], qp1 = qps[lr1];
+    const bool ok0 = row0 + lr0 < R, ok1 = row0 + lr1 < R;
+
+    float o[NOT][4];
+#pragma unroll
+    for (int j = 0; j < NOT; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    float m0 = ATTN_NEG_INF, m1 = ATTN_NEG_INF, l0 = 0.f, l1 = 0.f;
+
+    // ldmatrix addresses (lane-dependent parts)
+    const unsigned qa = smem_u32(Qs + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * KSTR + (lane >> 4) * 8);
+    const unsigned kb = smem_u32(Ks + ((lane & 7) + (lane >> 4) * 8) * KSTR + ((lane >> 3) & 1) * 8);
+    const unsigned vb = smem_u32(Vs + ((lane & 7) + ((lane >> 3) & 1) * 8) * VSTR + (lane >> 4) * 8);
+
+    const int n_kt = (L + TC_BC - 1) / TC_BC;
+    for (int kt = 0; kt < n_kt; ++kt) {
+        const int kbase = kt * TC_BC;
+        __syncthreads();
+        bool vis = false;
+        for (int t = tid; t < TC_BC; t += NT) {
+            const int s = slot_of(kbase + t, L, bt, n_pages);
+            const int p = s >= 0 ? pc[s] : ATTN_INT_MAX;
+            kslot[t] = s;
+            kpos[t] = p;
+            vis |= p <= qmax && (window <= 0 || (long long)p + window > (long long)qmin);
+        }
+        if (!__syncthreads_or(vis)) continue;
+        for (int idx = tid; idx < TC_BC * KCH; idx += NT) {
+            const int t = idx / KCH, c = idx % KCH, s = kslot[t];
+            kv_t* dst = Ks + t * KSTR + c * 8;
+            if (s >= 0) copy_chunk(dst, kc + ((size_t)s * Hkv + kvh) * DK + c * 8);
+            else zero_chunk(dst);
+        }
+        cp_commit();
+        for (int idx = tid; idx < TC_BC * VCH; idx += NT) {
+            const int t = idx / VCH, c = idx % VCH, s = kslot[t];
+            kv_t* dst = Vs + t * VSTR + c * 8;
+            if (s >= 0) copy_chunk(dst, vc + ((size_t)s * Hkv + kvh) * DV + c * 8);
+            else zero_chunk(dst);
+        }
+        cp_commit();
+        cp_wait<1>();
+        __syncthreads();
+
+        float sc[NST][4];
+#pragma unroll
+        for (int j = 0; j < NST; ++j) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
+#pragma unroll
+        for (int ks = 0; ks < NKS; ++ks) {
+            unsigned a[4];
+            ldsm_x4(a, qa + ks * 32);
+#pragma unroll
+            for (int np = 0; np < NST / 2; ++np) {
+                unsigned b[4];
+                ldsm_x4(b, kb + (np * 16 * KSTR + ks * 16) * 2);
+                mma16816(sc[2 * np], a, b[0], b[1]);
+                mma16816(sc[2 * np + 1], a, b[2], b[3]);
+            }
+        }
+
+        float mx0 = ATTN_NEG_INF, mx1 = ATTN_NEG_INF;
+#pragma unroll
+        for (int j = 0; j < NST; ++j) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int kp = kpos[j * 8 + 2 * t4 + e];
+                sc[j][e] = (ok0 && visible(kp, qp0, window)) ? logit(sc[j][e], cap2) : ATTN_NEG_INF;
+                sc[j][2 + e] = (ok1 && visible(kp, qp1, window)) ? logit(sc[j][2 + e], cap2) : ATTN_NEG_INF;
+                mx0 = fmaxf(mx0, sc[j][e]);
+                mx1 = fmaxf(mx1, sc[j][2 + e]);
+            }
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        const float a0 = m0 == ATTN_NEG_INF ? 0.f : exp2f(m0 - mn0);
+        const float a1 = m1 == ATTN_NEG_INF ? 0.f : exp2f(m1 - mn1);
+        float rs0 = 0.f, rs1 = 0.f;
+        unsigned pa[NST][2];                          // P as f16 pairs: [tile][row g / row g+8]
+#pragma unroll
+        for (int j = 0; j < NST; ++j) {
+            const float p0 = sc[j][0] == ATTN_NEG_INF ? 0.f : exp2f(sc[j][0] - mn0);
+            const float p1 = sc[j][1] == ATTN_NEG_INF ? 0.f : exp2f(sc[j][1] - mn0);
+            const float p2 = sc[j][2] == ATTN_NEG_INF ? 0.f : exp2f(sc[j][2] - mn1);
+            const float p3 = sc[j][3] == ATTN_NEG_INF ? 0.f : exp2f(sc[j][3] - mn1);
+            rs0 += p0 + p1;
+            rs1 += p2 + p3;
+            pa[j][0] = f2h2(p0, p1);
+            pa[j][1] = f2h2(p2, p3);
+        }
+        rs0 += __shfl_xor_sync(0xffffffffu, rs0, 1);
+        rs0 += __shfl_xor_sync(0xffffffffu, rs0, 2);
+        rs1 += __shfl_xor_sync(0xffffffffu, rs1, 1);
+        rs1 += __shfl_xor_sync(0xffffffffu, rs1, 2);
+        l0 = l0 * a0 + rs0;
+        l1 = l1 * a1 + rs1;
+        m0 = mn0;
+        m1 = mn1;
+#pragma unroll
+        for (int j = 0; j < NOT; ++j) { o[j][0] *= a0; o[j][1] *= a0; o[j][2] *= a1; o[j][3] *= a1; }
+
+        cp_wait<0>();
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < TC_BC / 16; ++kk) {
+            const unsigned a[4] = {pa[2 * kk][0], pa[2 * kk][1], pa[2 * kk + 1][0], pa[2 * kk + 1][1]};
+#pragma unroll
+            for (int dp = 0; dp < NOT / 2; ++dp) {
+                unsigned b[4];
+                ldsm_x4_t(b, vb + (kk * 16 * VSTR + dp * 16) * 2);
+                mma16816(o[2 * dp], a, b[0], b[1]);
+                mma16816(o[2 * dp + 1], a, b[2], b[3]);
+            }
+        }
+    }
+
+    const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+    if (ok0) {
+        const int gr = row0 + lr0;
+        float* dst = out + (size_t)(gr / G) * H * DV + (size_t)(kvh * G + gr % G) * DV + 2 * t4;
+#pragma unroll
+        for (int j = 0; j < NOT; ++j) {
+            float2 v; v.x = o[j][0] * inv0; v.y = o[j][1] * inv0;
+            *reinterpret_cast<float2*>(dst + j * 8) = v;
+        }
+    }
+    if (ok1) {
+        const int gr = row0 + lr1;
+        float* dst = out + (size_t)(gr / G) * H * DV + (size_t)(kvh * G + gr % G) * DV + 2 * t4;
+#pragma unroll
+        for (int j = 0; j < NOT; ++j) {
+            float2 v; v.x = o[j][2] * inv1; v.y = o[j][3] * inv1;
+            *reinterpret_cast<float2*>(dst + j * 8) = v;
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(32) attn_prefill_tc_w1(ATTN_PREFILL_ARGS) {
+    prefill_tc_impl<1>(ATTN_PREFILL_PASS);
+}
+extern "C" __global__ void __launch_bounds__(64) attn_prefill_tc_w2(ATTN_PREFILL_ARGS) {
+    prefill_tc_impl<2>(ATTN_PREFILL_PASS);
+}
+extern "C" __global__ void __launch_bounds__(128) attn_prefill_tc_w4(ATTN_PREFILL_ARGS) {
+    prefill_tc_impl<4>(ATTN_PREFILL_PASS);
+}
+// =============================================================================================
+// Decode on the tensor cores (f16 pages, n * G <= 8 query rows): the same splits and partials as
+// attn_decode_r*, but each warp multiplies 16 keys at a time with mma.m16n8k16, the query rows
+// being the n = 8 side:  S^T (16 keys x 8 rows) = K (16 x dk) . Q^T,  O^T (dv x 8) += V^T . P^T.
+// A block streams 64-key tiles (16 per warp) through a cp.async pipeline; each warp keeps its own
+// online softmax (no barrier inside a tile), and the 4 warps' states are merged once at the end.
+// Lane (g = lane/4, t4 = lane%4) holds rows 2t4, 2t4+1: S^T[key g | g+8][row 2t4 | 2t4+1] and
+// O^T[dim 16mt + g | g+8][row 2t4 | 2t4+1], so the softmax rescale needs no shuffle; row max/sum
+// reduce over the 8 lanes of equal t4 (xor 4, 8, 16). P^T goes through 0.75 KB of shared memory
+// per warp to become the B operand of P.V.
+// Shared memory (bytes) -- attention_ops.decode_tc_smem mirrors it:
+//   Qs [8][KSTR] f16 | NS x { K [64][KSTR] f16, V [64][VSTR] f16, pos [64] i32 } | Pw [4][8][24] f16 |
+//   qp [8] i32;  after the last tile over the stages: wm [4][8], wl [4][8], wacc [4][8][DV] f32.
+// =============================================================================================
+constexpr int DTC_NS = ATTN_DEC_TC_STAGES;
+constexpr int DTC_T = 64;                     // keys per block tile
+constexpr int DTC_R = 8;                      // query rows (the mma's n)
+constexpr int DTC_PSTR = 24;                  // P row stride (halves)
+constexpr int DTC_STG = DTC_T * (KSTR + VSTR) + DTC_T * 2;      // stage size in halves (pos = 2 each)
+static_assert(DTC_NS >= 2, "at least two stages");
+
+extern "C" __global__ void __launch_bounds__(128) attn_decode_tc(ATTN_DECODE_ARGS)
+{
+    static_assert(DK % 16 == 0 && DV % 16 == 0, "tensor-core decode needs head dims % 16 == 0");
+    constexpr int NKS = DK / 16, NMT = DV / 16;
+    extern __shared__ __align__(16) unsigned char smem_dtc[];
+    kv_t* Qs = reinterpret_cast<kv_t*>(smem_dtc);
+    kv_t* stg = Qs + DTC_R * KSTR;
+    kv_t* Pw_all = stg + DTC_NS * DTC_STG;
+    int* qp = reinterpret_cast<int*>(Pw_all + 4 * DTC_R * DTC_PSTR);
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+    const int split = blockIdx.x, kvh = blockIdx.y;
+    const int G = H / Hkv, R = n * G;
+    const int L = seq_len(kv_len, max_pages);
+    const int np_used = (L + PAGE - 1) / PAGE;
+    const int ppb = split_pages(np_used, splits);
+    const int p0 = split * ppb;
+    if (p0 >= np_used) return;
+    const int key0 = p0 * PAGE;
+    const int key_end = min(L, (p0 + ppb) * PAGE);
+    const int n_tiles = (key_end - key0 + DTC_T - 1) / DTC_T;
+
+    const size_t kstride = (size_t)Hkv * DK, vstride = (size_t)Hkv * DV;
+    const kv_t* kh = kc + (size_t)kvh * DK;
+    const kv_t* vh = vc + (size_t)kvh * DV;
+    auto issue = [&](int tile) {
+        kv_t* kb = stg + (tile % DTC_NS) * DTC_STG;
+        kv_t* vb = kb + DTC_T * KSTR;
+        stage_tile<DTC_T, 128>(kb, vb, reinterpret_cast<int*>(vb + DTC_T * VSTR), key0 + tile * DTC_T, key_end,
+                               kh, vh, pc, bt, n_pages, kstride, vstride);
+    };
+#pragma unroll
+    for (int s = 0; s < DTC_NS - 1; ++s) {
+        if (s < n_tiles) issue(s);
+        cp_commit();
+    }
+    for (int idx = tid; idx < DTC_R * (DK / 4); idx += 128) {          // q rows -> f16, pre-scaled
+        const int r = idx / (DK / 4), c4 = idx % (DK / 4);
+        float4 x = f4(0.f, 0.f, 0.f, 0.f);
+        if (r < R) x = reinterpret_cast<const float4*>(q + ((size_t)(r / G) * H + kvh * G + r % G) * DK)[c4];
+        uint2 hq;
+        hq.x = f2h2(x.x * qscale, x.y * qscale);
+        hq.y = f2h2(x.z * qscale, x.w * qscale);
+        *reinterpret_cast<uint2*>(Qs + r * KSTR + c4 * 4) = hq;
+    }
+    if (tid < DTC_R) qp[tid] = tid < R ? q_pos[tid / G] : ATTN_INT_MIN;
+    __syncthreads();
+
+    unsigned qf[NKS][2];                        // B = Q^T: b0 = Q[row g][16ks + 2t4 ..+1], b1 = +8
+#pragma unroll
+    for (int ks = 0; ks < NKS; ++ks) {
+        qf[ks][0] = *reinterpret_cast<const unsigned*>(Qs + g * KSTR + ks * 16 + 2 * t4);
+        qf[ks][1] = *reinterpret_cast<const unsigned*>(Qs + g * KSTR + ks * 16 + 2 * t4 + 8);
+    }
+    const int r0 = 2 * t4, r1 = r0 + 1;
+    const int qp0 = qp[r0], qp1 = qp[r1];
+    const bool ok0 = r0 < R, ok1 = r1 < R;
+    float m0 = ATTN_NEG_INF, m1 = ATTN_NEG_INF, l0 = 0.f, l1 = 0.f;
+    float o[NMT][4];
+#pragma unroll
+    for (int j = 0; j < NMT; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    kv_t* Pw = Pw_all + warp * DTC_R * DTC_PSTR;
+    const unsigned stg_u = smem_u32(stg);
+    // ldmatrix lane offsets (bytes) inside a stage: K rows as the A operand, V rows (.trans) as A
+    const unsigned ka = ((warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * KSTR + (lane >> 4) * 8) * 2;
+    const unsigned va = (DTC_T * KSTR + (warp * 16 + (lane & 7) + (lane >> 4) * 8) * VSTR + ((lane >> 3) & 1) * 8) * 2;
+    const int kl0 = warp * 16 + g, kl1 = kl0 + 8;      // this lane's keys within a tile
+
+    for (int tt = 0; tt < n_tiles; ++tt) {
+        cp_wait<DTC_NS - 2>();
+        __syncthreads();                        // tile tt is in; tile tt-1's buffer is free
+        if (tt + DTC_NS - 1 < n_tiles) issue(tt + DTC_NS - 1);
+        cp_commit();
+        const int buf = tt % DTC_NS;
+        const unsigned sb = stg_u + buf * DTC_STG * 2;
+        const int* pb = reinterpret_cast<const int*>(stg + buf * DTC_STG + DTC_T * (KSTR + VSTR));
+
+        float sa[4] = {0.f, 0.f, 0.f, 0.f}, sb2[4] = {0.f, 0.f, 0.f, 0.f};   // two chains
+#pragma unroll
+        for (int ks = 0; ks < NKS; ks += 2) {
+            unsigned a[4];
+            ldsm_x4(a, sb + ka + ks * 32);
+            mma16816(sa, a, qf[ks][0], qf[ks][1]);
+            if (ks + 1 < NKS) {
+                unsigned a2[4];
+                ldsm_x4(a2, sb + ka + (ks + 1) * 32);
+                mma16816(sb2, a2, qf[ks + 1][0], qf[ks + 1][1]);
+            }
+        }
+        const int kp0 = pb[kl0], kp1 = pb[kl1];
+        const float s0 = (ok0 && visible(kp0, qp0, window)) ? logit(sa[0] + sb2[0], cap2) : ATTN_NEG_INF;
+        const float s1 = (ok1 && visible(kp0, qp1, window)) ? logit(sa[1] + sb2[1], cap2) : ATTN_NEG_INF;
+        const float s2 = (ok0 && visible(kp1, qp0, window)) ? logit(sa[2] + sb2[2], cap2) : ATTN_NEG_INF;
+        const float s3 = (ok1 && visible(kp1, qp1, window)) ? logit(sa[3] + sb2[3], cap2) : ATTN_NEG_INF;
+        float mx0 = fmaxf(s0, s2), mx1 = fmaxf(s1, s3);
+#pragma unroll
+        for (int off = 4; off < 32; off <<= 1) {
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+        }
+        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        const float a0 = m0 == ATTN_NEG_INF ? 0.f : exp2f(m0 - mn0);
+        const float a1 = m1 == ATTN_NEG_INF ? 0.f : exp2f(m1 - mn1);
+        const float p0 = s0 == ATTN_NEG_INF ? 0.f : exp2f(s0 - mn0);
+        const float p1 = s1 == ATTN_NEG_INF ? 0.f : exp2f(s1 - mn1);
+        const float p2 = s2 == ATTN_NEG_INF ? 0.f : exp2f(s2 - mn0);
+        const float p3 = s3 == ATTN_NEG_INF ? 0.f : exp2f(s3 - mn1);
+        float rs0 = p0 + p2, rs1 = p1 + p3;
+#pragma unroll
+        for (int off = 4; off < 32; off <<= 1) {
+            rs0 += __shfl_xor_sync(0xffffffffu, rs0, off);
+            rs1 += __shfl_xor_sync(0xffffffffu, rs1, off);
+        }
+        l0 = l0 * a0 + rs0;
+        l1 = l1 * a1 + rs1;
+        m0 = mn0;
+        m1 = mn1;
+#pragma unroll
+        for (int j = 0; j < NMT; ++j) { o[j][0] *= a0; o[j][1] *= a1; o[j][2] *= a0; o[j][3] *= a1; }
+
+        // P^T -> P[row][key] f16 in this warp's corner, then B = P^T: b0 = P[g][2t4..+1], b1 = +8
+        __syncwarp();
+        const unsigned h01 = f2h2(p0, p1), h23 = f2h2(p2, p3);
+        Pw[r0 * DTC_PSTR + g] = (kv_t)(h01 & 0xffffu);
+        Pw[r1 * DTC_PSTR + g] = (kv_t)(h01 >> 16);
+        Pw[r0 * DTC_PSTR + g + 8] = (kv_t)(h23 & 0xffffu);
+        Pw[r1 * DTC_PSTR + g + 8] = (kv_t)(h23 >> 16);
+        __syncwarp();
+        const unsigned pb0 = *reinterpret_cast<const unsigned*>(Pw + g * DTC_PSTR + 2 * t4);
+        const unsigned pb1 = *reinterpret_cast<const unsigned*>(Pw + g * DTC_PSTR + 2 * t4 + 8);
+#pragma unroll
+        for (int mt = 0; mt < NMT; ++mt) {
+            unsigned a[4];
+            ldsm_x4_t(a, sb + va + mt * 32);
+            mma16816(o[mt], a, pb0, pb1);
+        }
+    }
+
+    // merge the 4 warps' (m, l, acc) per row and write this split's partial
+    cp_wait<0>();
+    __syncthreads();
+    float* wm = reinterpret_cast<float*>(stg);            // [4][8]
+    float* wl = wm + 4 * DTC_R;                           // [4][8]
+    float* wacc = wl + 4 * DTC_R;                         // [4][8][DV]
+    if (g == 0) {
+        wm[warp * DTC_R + r0] = m0; wm[warp * DTC_R + r1] = m1;
+        wl[warp * DTC_R + r0] = l0; wl[warp * DTC_R + r1] = l1;
+    }
+#pragma unroll
+    for (int mt = 0; mt < NMT; ++mt) {
+        wacc[(warp * DTC_R + r0) * DV + mt * 16 + g] = o[mt][0];
+        wacc[(warp * DTC_R + r1) * DV + mt * 16 + g] = o[mt][1];
+        wacc[(warp * DTC_R + r0) * DV + mt * 16 + g + 8] = o[mt][2];
+        wacc[(warp * DTC_R + r1) * DV + mt * 16 + g + 8] = o[mt][3];
+    }
+    __syncthreads();
+    const size_t pbase = ((size_t)split * Hkv + kvh) * R;
+    for (int idx = tid; idx < R * DV; idx += 128) {
+        const int r = idx / DV, d = idx % DV;
+        float M = wm[r];
+#pragma unroll
+        for (int w = 1; w < 4; ++w) M = fmaxf(M, wm[w * DTC_R + r]);
+        float x = 0.f;
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+            const float mw = wm[w * DTC_R + r];
+            x += (mw == ATTN_NEG_INF ? 0.f : exp2f(mw - M)) * wacc[(w * DTC_R + r) * DV + d];
+        }
+        part_acc[(pbase + r) * DV + d] = x;
+    }
+    if (tid < R) {
+        float M = wm[tid];
+#pragma unroll
+        for (int w = 1; w < 4; ++w) M = fmaxf(M, wm[w * DTC_R + tid]);
+        float l = 0.f;
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+            const float mw = wm[w * DTC_R + tid];
+            l += (mw == ATTN_NEG_INF ? 0.f : exp2f(mw - M)) * wl[w * DTC_R + tid];
+        }
+        part_ml[(pbase + tid) * 2] = M;
+        part_ml[(pbase + tid) * 2 + 1] = l;
+    }
+}
+#endif  // ATTN_KV_F16
