@@ -15,7 +15,8 @@ Two targets run the same cases:
 - ``sim``: ``CupyBackend``'s host logic on a NumPy stand-in device (``SimDevice`` below:
   kernels are emulated, CUDA-graph capture records and replays). It runs everywhere, CI
   included, and checks what the GPU run cannot isolate: buffer liveness (the arena is
-  poisoned with NaN), in-place reuse, the add+rms_norm fusion, input/output copies, the
+  poisoned with NaN), in-place reuse, the add+rms_norm fusion, the grouped decode GEMV
+  regions (reordering, lifetimes, what each level fuses), input/output copies, the
   first-eager-then-captured runs, re-capture when the KV storage changes.
 
 How to add an op: write its constructor in ``ggml_py/ops.py`` (the docstring is the spec),
@@ -217,6 +218,7 @@ class _SimWeight:
         from quant_formats import dequantize
         raw = np.ascontiguousarray(ws.data).reshape(-1).view(np.uint8)
         self.f32 = np.asarray(dequantize(raw, ws.ggml_type, tuple(ws.shape)), np.float32)
+        self.ggml_type = int(ws.ggml_type)
         self.shape = tuple(ws.shape)
         self.nbytes = raw.nbytes
 
@@ -241,8 +243,57 @@ class _SimQuant:
         self.dev.exec(lambda: np.matmul(x, (w.f32 if isinstance(w, _SimWeight) else w).T, out=out))
 
 
+class _SimGroupPlan:
+    """quant_ops.GroupPlan on NumPy: the same outputs, computed member by member."""
+
+    def __init__(self, dev, ws, n, glu, rope, norm, residual):
+        self.dev, self.ws, self.n, self.glu, self.rope = dev, ws, n, glu, rope
+        self.norm, self.residual = norm, residual
+
+    def bind(self, x, outs, stream, pos=None, norm_w=None, resid=None):
+        assert x.shape[0] == self.n and len(outs) == (1 if self.glu else len(self.ws))
+        assert (pos is not None) == bool(self.rope) and (resid is not None) == self.residual
+
+        def run():
+            h = x
+            if self.norm is not None:
+                h = np.empty_like(x)
+                _sim_rms(x, norm_w, h, self.norm)
+            ys = [h @ w.f32.T for w in self.ws]
+            if self.residual:
+                ys[0] = ys[0] + resid
+            if self.glu:
+                outs[0][...] = (_sim_silu if self.glu == "swiglu" else _sim_gelu)(ys[0]) * ys[1]
+                return
+            for g, (o, y) in enumerate(zip(outs, ys)):
+                if self.rope and g in self.rope["members"]:
+                    from ggml_py.cuda.elementwise_ops import rope_theta_scale
+                    d, n_rot = self.rope["head_dim"], self.rope["n_rot"]
+                    y3 = y.reshape(self.n, -1, d)
+                    _sim_rope1(y3, pos, o.reshape(y3.shape), n_rot, rope_theta_scale(self.rope["base"], n_rot),
+                               self.rope["freq_scale"], False)
+                else:
+                    o[...] = y
+        return lambda: self.dev.exec(run)
+
+
 class _SimQuantPlanned(_SimQuant):
-    """... with quant_ops' plan-time entry points (plan_get_rows, plan_mul_mat(...).bind)."""
+    """... with quant_ops' plan-time entry points (plan_get_rows, plan_mul_mat(...).bind,
+    plan_mul_mat_group(...).bind)."""
+
+    GROUP_MAX = 3
+    DECODE_MAX_N = 8
+
+    def plan_mul_mat_group(self, ws, n, *, glu=None, rope=None, norm=None, residual=False):
+        self.dev.group_calls.append((len(ws), glu, None if rope is None else tuple(rope["members"])))
+        if not 1 <= n <= self.DECODE_MAX_N or not (1 if residual else 2) <= len(ws) <= (1 if residual else 3):
+            return None
+        from ggml_py.cuda.quant_ops import GROUP_TYPES
+        if len({w.shape[1] for w in ws}) != 1 or (glu and ws[0].shape != ws[1].shape):
+            return None
+        if len({w.ggml_type for w in ws}) != 1 or ws[0].ggml_type not in GROUP_TYPES:
+            return None                            # as quant_ops: one type, one with grouped kernels
+        return _SimGroupPlan(self.dev, list(ws), n, glu, rope, norm, residual)
 
     def plan_get_rows(self, w, ids, out, stream):
         return partial(self.get_rows, w, ids, out, stream)
@@ -320,6 +371,7 @@ class SimDevice:
 
     def __init__(self, planned: bool = True) -> None:
         self.capturing: list | None = None
+        self.group_calls: list = []                 # plan_mul_mat_group requests (len(ws), glu, rope members)
         self.n_captures = 0
         self.n_graph_launches = 0
         self.quant = _SimQuantPlanned(self) if planned else _SimQuant(self)
@@ -823,6 +875,115 @@ def test_mul_mat_of_activations(target, n, M, K):
     compare(g, {"w": rand(rng, M, K), "x": rand(rng, n, K)}, lambda: be, tol=DECODE_TOL if n == 1 else PREFILL_TOL)
 
 
+# -- grouped decode GEMVs: q/k/v (+ their ropes) and gate/up (+ swiglu/geglu) as one launch each -----------
+
+GROUP_QTYPES = ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K", "Q5_1"]     # Q5_1: no grouped kernels
+
+
+def _block_graph(n, qtype, d=256, H=4, Hkv=2, ff=512, n_rot=None, mode=ops.ROPE_NORMAL, glu="swiglu",
+                 gate_out=False, v_type=None, bias=False):
+    """A llama layer with attention left out (o reads q): norm, q/k/v (ropes on q, k), o + residual,
+    norm, gate/up, glu, down + residual, and a last norm."""
+    g = Graph()
+    hd = d // H
+    x, pos = g.input("x", (n, d)), g.input("pos", (n,), "i32")
+    h = ops.rms_norm(x, 1e-5, g.weight("an", (d,), "F32"))
+    q = ops.mul_mat(g.weight("wq", (H * hd, d), qtype), h)
+    if bias:
+        q = ops.add(q, g.weight("bq", (H * hd,), "F32"))
+    k = ops.mul_mat(g.weight("wk", (Hkv * hd, d), qtype), h)
+    v = ops.mul_mat(g.weight("wv", (Hkv * hd, d), v_type or qtype), h)
+    q = ops.rope(ops.reshape(q, (n, H, hd)), pos, n_rot or hd, 10000.0, 1.0, mode)
+    k = ops.rope(ops.reshape(k, (n, Hkv, hd)), pos, n_rot or hd, 10000.0, 1.0, mode)
+    g.output("q", q)
+    g.output("k", k)
+    g.output("v", v)
+    x1 = ops.add(ops.mul_mat(g.weight("wo", (d, d), qtype), ops.reshape(q, (n, d))), x)
+    h2 = ops.rms_norm(x1, 1e-5, g.weight("fn", (d,), "F32"))
+    gate = ops.mul_mat(g.weight("wg", (ff, d), qtype), h2)
+    up = ops.mul_mat(g.weight("wu", (ff, d), qtype), h2)
+    if gate_out:
+        g.output("gate", gate)                         # a second reader: the glu cannot absorb gate
+    f = (ops.swiglu if glu == "swiglu" else ops.geglu)(gate, up)
+    x2 = ops.add(ops.mul_mat(g.weight("wd", (d, ff), qtype), f), x1)
+    g.output("y", ops.rms_norm(x2, 1e-5, g.weight("on", (d,), "F32")))
+    return g
+
+
+def _block_weights(rng, g):
+    """Quantized Gaussians (0.05 sd): activations stay O(1), so the f16 prefill path cannot overflow."""
+    import gguf
+    from quant_formats import quantize
+    ws = {}
+    for name, t in g.weights.items():
+        if t.ndim == 1:
+            ws[name] = f32_source(name, 1 + rand(rng, *t.shape, scale=0.1))
+        else:
+            tid = int(gguf.GGMLQuantizationType[t.dtype])
+            raw = np.ascontiguousarray(quantize(rand(rng, *t.shape, scale=0.05), tid)).reshape(-1).view(np.uint8)
+            ws[name] = WeightSource(name, tid, t.shape, raw)
+    return ws
+
+
+def _fusions(plan, *kinds):
+    return tuple(plan.fusions.get(k, 0) for k in kinds)
+
+
+@pytest.mark.parametrize("level", [1, 2])
+@pytest.mark.parametrize("n", [1, 2, 5, 8, 9])
+@pytest.mark.parametrize("qtype", GROUP_QTYPES)
+def test_grouped_mul_mat(target, qtype, n, level):
+    """Level 1: q/k/v + both ropes as one launch, gate/up + swiglu as another. Level 2 also: the
+    norms before them inside those launches, the residual adds inside the o and down launches.
+    Prefill (n > 8) and types without grouped kernels unfused."""
+    be = target(fuse_mm=level)
+    _skip_unsupported(be, qtype)
+    rng = np.random.default_rng(30 + n)
+    g = _block_graph(n, qtype)
+    pos = rng.integers(0, 3000, n).astype(np.int32)
+    inputs = {"x": rand(rng, n, 256), "pos": pos}
+    r = compare(g, inputs, lambda: be, _block_weights(rng, g), tol=DECODE_TOL if n <= 8 else PREFILL_TOL)
+    from ggml_py.cuda.quant_ops import GROUP_TYPES
+    import gguf
+    fused = n <= 8 and int(gguf.GGMLQuantizationType[qtype]) in GROUP_TYPES
+    got = _fusions(r["plan"], "mm_group", "mm_glu", "mm_add", "mm_norm")
+    ops_run = [t.op for t in r["plan"].step_node]
+    if not fused:
+        assert got == (0, 0, 0, 0) and len(ops_run) == 12, (got, ops_run)
+    elif level == 1:   # norm, qkv+ropes, o, add+norm, glu, down, add+norm
+        assert got == (1, 1, 0, 0) and len(ops_run) == 7, (got, ops_run)
+    else:              # norm+qkv+ropes, o+add, norm+glu, down+add, norm
+        assert got == (1, 1, 2, 2) and len(ops_run) == 5, (got, ops_run)
+    assert ("rope" in ops_run) == (not fused)
+
+
+@pytest.mark.parametrize("level", [1, 2])
+@pytest.mark.parametrize("case", ["partial-rope", "neox", "geglu", "gate-is-output", "v-other-type", "bias"])
+def test_grouped_mul_mat_variants(target, case, level):
+    """What the grouping takes along and what it leaves: partial rotary dims (fused, the rest pass),
+    neox ropes (not fused: their pairs straddle rows), geglu, a gate read elsewhere (gate/up grouped
+    without the glu), a v of another type (q/k grouped alone, their norm then runs on its own: v
+    reads it too), a bias between q and its rope."""
+    be = target(fuse_mm=level)
+    _skip_unsupported(be, "Q4_1")
+    rng = np.random.default_rng(40)
+    n = 3
+    kw = {"partial-rope": dict(n_rot=32), "neox": dict(mode=ops.ROPE_NEOX), "geglu": dict(glu="geglu"),
+          "gate-is-output": dict(gate_out=True), "v-other-type": dict(v_type="Q8_0"), "bias": dict(bias=True)}[case]
+    g = _block_graph(n, "Q4_1", **kw)
+    inputs = {"x": rand(rng, n, 256), "pos": rng.integers(0, 3000, n).astype(np.int32)}
+    r = compare(g, inputs, lambda: be, _block_weights(rng, g), tol=DECODE_TOL)
+    want = {"partial-rope": (1, 1, 0, 2), "neox": (1, 1, 1, 2), "geglu": (1, 1, 0, 2),
+            "gate-is-output": (2, 0, 0, 2), "v-other-type": (1, 1, 0, 1), "bias": (1, 1, 1, 2)}[case]
+    ops_run = [t.op for t in r["plan"].step_node]
+    got = _fusions(r["plan"], "mm_group", "mm_glu") + (ops_run.count("rope"),)
+    got += r["plan"].fusions.get("mm_norm", 0),
+    if level == 1:
+        want = want[:3] + (0,)
+    assert got == want, (r["plan"].fusions, ops_run)
+    assert r["plan"].fusions.get("mm_add", 0) == (2 if level == 2 else 0)
+
+
 # =====================================================================================================
 # KV cache and attention (through attention_ops)
 # =====================================================================================================
@@ -1020,8 +1181,9 @@ def test_run_errors(target):
 TINY = dict(n_layer=2, d=256, n_ff=512, n_head=4, n_head_kv=2, vocab=512)
 
 
-def write_tiny_model(path: Path, arch: str, seed: int = 0) -> Path:
-    """A random-weight GGUF of the llama or gemma3 architecture (types Q4_0, Q4_1, Q8_0, Q4_K)."""
+def write_tiny_model(path: Path, arch: str, seed: int = 0, qtype: str | None = None) -> Path:
+    """A random-weight GGUF of the llama or gemma3 architecture (types Q4_0, Q4_1, Q8_0, Q4_K; every
+    matrix ``qtype`` when given: then q/k/v and gate/up group on the GPU, as in SmolLM2's Q4_1)."""
     import gguf
     from quant_formats import quantize
 
@@ -1057,6 +1219,8 @@ def write_tiny_model(path: Path, arch: str, seed: int = 0) -> Path:
     w.add_eos_token_id(2)
 
     def mat(name, rows, cols, qt, scale=0.08):
+        if qtype is not None:
+            qt = Q[qtype]
         a = rand(rng, rows, cols, scale=scale)
         w.add_tensor(name, quantize(a, int(qt)), raw_dtype=qt)
 
@@ -1161,6 +1325,57 @@ def test_tiny_model(target, tiny_models, arch, kv_dtype):
         if top2[1] - top2[0] > 1e-3 * max(1.0, abs(top2[1])):
             assert int(gid[0]) == int(np.argmax(lr))
         tok = int(np.argmax(lr))
+
+
+@pytest.fixture(scope="module")
+def tiny_uniform_models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_uniform")
+    return {"llama": write_tiny_model(d / "tiny-llama-q4_1.gguf", "llama", seed=3, qtype="Q4_1"),
+            "gemma3": write_tiny_model(d / "tiny-gemma3-q4_k.gguf", "gemma3", seed=4, qtype="Q4_K")}
+
+
+@pytest.mark.parametrize("level", [1, 2])
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_tiny_model_grouped(target, tiny_uniform_models, arch, level):
+    """One type for every matrix: decode steps (and a 7-token prefill) run q/k/v and gate/up grouped
+    (llama: with both ropes; level 2: with their norms, and o/down with their residual adds); a
+    12-token prefill stays unfused. Logits agree with NumPy throughout."""
+    from engine.model import Model
+
+    be = target(fuse_mm=level)
+    try:
+        be.dev.quant_ops(), be.dev.attention_ops()
+    except ImportError as e:
+        pytest.skip(f"quant/attention ops not available: {e}")
+    path = str(tiny_uniform_models[arch])
+    ref, m = Model.load(path, NumpyBackend()), Model.load(path, be)
+    caches = [mm.new_cache(64, kv_dtype="f16") for mm in (ref, m)]
+    L = TINY["n_layer"]
+    for n0 in (12, 7):
+        seqs = [c.new_sequence() for c in caches]
+        prompt = [1] + [260 + (17 * i) % 250 for i in range(n0 - 1)]
+        lr = ref.prefill(caches[0], seqs[0], prompt, all_logits=True)
+        lg = m.prefill(caches[1], seqs[1], prompt, all_logits=True)
+        assert_close(lg, lr, MODEL_TOL, f"{arch} prefill {n0}")
+        f = m._plans[(n0, n0, seqs[1].max_pages)].fusions
+        want = (0, 0) if n0 > 8 else (L, L)
+        assert (f.get("mm_group", 0), f.get("mm_glu", 0)) == want, (n0, f)
+        tok = int(np.argmax(lr[-1]))
+        for step in range(4):
+            lr = ref.forward(caches[0], seqs[0], [tok])
+            lg = m.forward(caches[1], seqs[1], [tok])
+            assert_close(lg, lr, MODEL_TOL, f"{arch} decode step {step} after {n0}")
+            tok = int(np.argmax(lr[-1]))
+        plan = m._plans[(1, 1, seqs[1].max_pages)]
+        assert plan.cuda_graph is not None and plan.graph_error is None
+        assert (plan.fusions.get("mm_group", 0), plan.fusions.get("mm_glu", 0)) == (L, L), plan.fusions
+        if arch == "llama":       # level 2: every down and all but the last o (its rows are picked first)
+            want = (2 * L - 1, 2 * L - 1) if level == 2 else (0, 0)
+            assert _fusions(plan, "mm_add", "mm_norm") == want, plan.fusions
+        n_rope = sum(1 for t in plan.step_node if t is not None and t.op == "rope")
+        assert n_rope == (0 if arch == "llama" else L)              # gemma: q/k norms sit between
+        for sq in seqs:
+            sq.clear()
 
 
 @pytest.mark.skipif(not os.environ.get("GGFLAT_TEST_MODEL_SMOLLM2"), reason="GGFLAT_TEST_MODEL_SMOLLM2 not set")

@@ -300,3 +300,182 @@ def test_cuda_graph_capture(cp, qo, tid, n):
         stream.synchronize()
         e = _nmse(cp.asnumpy(out), xh.astype(np.float64) @ ref_w.T)
         assert e <= thr, f"{NAMES[tid]} n={n} seed {seed}: replay nmse {e:.3g}"
+
+
+# -- grouped GEMV (plan_mul_mat_group): several weights of one x in one launch ----------------
+
+def _rope_ref(y: np.ndarray, pos: np.ndarray, d: int, n_rot: int, base: float, fs: float) -> np.ndarray:
+    """ops.rope (normal mode) of y (n, M) viewed as (n, M/d, d), ggml's float32 angles (as
+    elementwise.cu and the NumPy backend compute them), rotation in float64."""
+    from ggml_py.cuda.elementwise_ops import rope_theta_scale
+    ts = rope_theta_scale(base, n_rot)
+    n = y.shape[0]
+    theta = pos.astype(np.float32)
+    ang = np.empty((n, n_rot // 2), np.float32)
+    for i in range(n_rot // 2):
+        ang[:, i] = theta * np.float32(fs)
+        theta = theta * ts
+    c = np.cos(ang.astype(np.float64)).astype(np.float32).astype(np.float64)[:, None, :]
+    s = np.sin(ang.astype(np.float64)).astype(np.float32).astype(np.float64)[:, None, :]
+    y3 = y.reshape(n, -1, d).astype(np.float64).copy()
+    a, b = y3[..., 0:n_rot:2].copy(), y3[..., 1:n_rot:2].copy()
+    y3[..., 0:n_rot:2], y3[..., 1:n_rot:2] = a * c - b * s, a * s + b * c
+    return y3.reshape(y.shape)
+
+
+GROUP_TYPES_T = [2, 3, 6, 8, 12, 14]                          # the types with grouped kernels
+
+
+@pytest.mark.parametrize("tid", GROUP_TYPES_T, ids=lambda t: NAMES[t])
+def test_mul_mat_group(cp, qo, tid):
+    """q/k/v-like groups (2 and 3 weights, odd row counts, ropes with all or part of the head
+    rotating), gate/up + swiglu/geglu, the rms_norm prologue and the residual epilogue, for every
+    n of the decode path, poisoned outputs."""
+    seed = int(np.random.SeedSequence().entropy % (1 << 32))
+    rng = np.random.default_rng(seed)
+    K = 512 if get_format(tid).block_elems == 256 else 576
+    d = 64
+    fails = []
+
+    def weights(rows):
+        raws = [_random_weight(rng, tid, (M, K)) for M in rows]
+        return ([_upload(qo, tid, r, (M, K)) for r, M in zip(raws, rows)],
+                [dequantize(r, tid, (M, K)).astype(np.float64) for r, M in zip(raws, rows)])
+
+    for n in (1, 2, 3, 5, 8):
+        x = rng.standard_normal((n, K)).astype(np.float32)
+        xd = cp.asarray(x)
+        x64 = x.astype(np.float64)
+        pos = rng.integers(0, 5000, n).astype(np.int32)
+        # groups: plain (odd rows), q/k/v with ropes on q and k, two with a partial rope on the second
+        for rows, rope in [((67, 130, 3), None), ((576, 192, 192), {"members": (0, 1), "n_rot": 64}),
+                           ((128, 320), {"members": (1,), "n_rot": 16})]:
+            ws, refs = weights(rows)
+            spec = None if rope is None else dict(rope, head_dim=d, base=100000.0, freq_scale=0.5)
+            gp = qo.plan_mul_mat_group(ws, n, rope=spec)
+            assert gp is not None, (NAMES[tid], n, rows)
+            outs = [cp.full((n, M), cp.nan, cp.float32) for M in rows]
+            gp.bind(xd, outs, None, pos=cp.asarray(pos) if spec else None)()
+            for g, (o, w) in enumerate(zip(outs, refs)):
+                want = x64 @ w.T
+                if spec and g in spec["members"]:
+                    want = _rope_ref(want, pos, d, spec["n_rot"], spec["base"], spec["freq_scale"])
+                e = _nmse(cp.asnumpy(o), want)
+                if not e <= DECODE_NMSE:
+                    fails.append(f"{NAMES[tid]} n={n} rows={rows} rope={rope} member {g}: {e:.3g}")
+        # the rms_norm prologue (with and without a weight; with a glu and with ropes) ...
+        xn = x64 / np.sqrt((x64 * x64).mean(1, keepdims=True) + 1e-5)
+        nw = rng.uniform(0.5, 1.5, K).astype(np.float32)
+        for rows, use_w, rope in [((67, 130, 3), True, None), ((576, 192, 192), False, {"members": (0, 1), "n_rot": 64})]:
+            ws, refs = weights(rows)
+            spec = None if rope is None else dict(rope, head_dim=d, base=100000.0, freq_scale=1.0)
+            gp = qo.plan_mul_mat_group(ws, n, rope=spec, norm=1e-5)
+            outs = [cp.full((n, M), cp.nan, cp.float32) for M in rows]
+            gp.bind(xd, outs, None, pos=cp.asarray(pos) if spec else None,
+                    norm_w=cp.asarray(nw) if use_w else None)()
+            h = xn * nw if use_w else xn
+            for g, (o, w) in enumerate(zip(outs, refs)):
+                want = h @ w.T
+                if spec and g in spec["members"]:
+                    want = _rope_ref(want, pos, d, spec["n_rot"], spec["base"], spec["freq_scale"])
+                e = _nmse(cp.asnumpy(o), want)
+                if not e <= DECODE_NMSE:
+                    fails.append(f"{NAMES[tid]} n={n} norm rows={rows} member {g}: {e:.3g}")
+        # ... and the residual epilogue: into another buffer and over the residual itself
+        ws, refs = weights((75,))
+        res = rng.standard_normal((n, 75)).astype(np.float32)
+        gp = qo.plan_mul_mat_group(ws, n, residual=True)
+        for inplace in (False, True):
+            rd = cp.asarray(res)
+            out = rd if inplace else cp.full((n, 75), cp.nan, cp.float32)
+            gp.bind(xd, [out], None, resid=rd)()
+            e = _nmse(cp.asnumpy(out), x64 @ refs[0].T + res)
+            if not e <= DECODE_NMSE:
+                fails.append(f"{NAMES[tid]} n={n} residual inplace={inplace}: {e:.3g}")
+        for glu in ("swiglu", "geglu"):
+            for M in (1536, 77):
+                ws, refs = weights((M, M))
+                normed = M == 77                       # the small one with the norm prologue
+                gp = qo.plan_mul_mat_group(ws, n, glu=glu, norm=1e-5 if normed else None)
+                out = cp.full((n, M), cp.nan, cp.float32)
+                gp.bind(xd, [out], None, norm_w=cp.asarray(nw) if normed else None)()
+                xx = xn * nw if normed else x64
+                gt, up = xx @ refs[0].T, xx @ refs[1].T
+                act = gt / (1 + np.exp(-gt)) if glu == "swiglu" else \
+                    0.5 * gt * (1 + np.tanh(np.sqrt(2 / np.pi) * gt * (1 + 0.044715 * gt * gt)))
+                e = _nmse(cp.asnumpy(out), act * up)
+                if not e <= DECODE_NMSE:
+                    fails.append(f"{NAMES[tid]} n={n} {glu} M={M}: {e:.3g}")
+    assert not fails, f"seed {seed}: " + "; ".join(fails)
+
+
+def test_mul_mat_group_refusals(cp, qo):
+    """None (the caller runs the mul_mats one by one) where no grouped kernel fits."""
+    rng = np.random.default_rng()
+    up = lambda tid, M, K: _upload(qo, tid, _random_weight(rng, tid, (M, K)), (M, K))
+    a, b = up(3, 64, 256), up(3, 32, 256)
+    assert qo.plan_mul_mat_group([a, b], 1) is not None
+    assert qo.plan_mul_mat_group([a, b], 9) is None                       # prefill
+    assert qo.plan_mul_mat_group([a, up(2, 32, 256)], 1) is None           # mixed types
+    assert qo.plan_mul_mat_group([a, up(3, 32, 512)], 1) is None           # mixed K
+    assert qo.plan_mul_mat_group([up(7, 64, 256), up(7, 32, 256)], 1) is None   # Q5_1: no kernels
+    assert qo.plan_mul_mat_group([a, b, a, b], 1) is None                  # more than GROUP_MAX
+    assert qo.plan_mul_mat_group([a, b], 1, glu="swiglu") is None          # gate/up shapes differ
+    assert qo.plan_mul_mat_group([a, b], 1, rope={"members": (1,), "head_dim": 48, "n_rot": 48,
+                                                  "base": 1e4, "freq_scale": 1.0}) is None   # 32 % 48
+    assert qo.plan_mul_mat_group([a], 1) is None                           # one weight: only with a residual
+    assert qo.plan_mul_mat_group([a], 1, residual=True) is not None
+    assert qo.plan_mul_mat_group([a, b], 1, residual=True) is None
+    big = up(3, 32, 8192)
+    assert qo.plan_mul_mat_group([big, big], 8, norm=1e-5) is not None    # the norm: any K
+    assert qo.plan_mul_mat_group([big, big], 1, max_weight_bytes=big.nbytes - 1) is None   # too big to group
+
+
+def test_mul_mat_group_graph_capture(cp, qo):
+    """A grouped launch with ropes bound to its buffers, captured and replayed with new x and positions."""
+    seed = int(np.random.SeedSequence().entropy % (1 << 32))
+    rng = np.random.default_rng(seed)
+    K, rows, d = 576, (576, 192, 192), 64
+    raws = [_random_weight(rng, 3, (M, K)) for M in rows]
+    ws = [_upload(qo, 3, r, (M, K)) for r, M in zip(raws, rows)]
+    refs = [dequantize(r, 3, (M, K)).astype(np.float64) for r, M in zip(raws, rows)]
+    spec = {"members": (0, 1), "head_dim": d, "n_rot": d, "base": 100000.0, "freq_scale": 1.0}
+    stream = cp.cuda.Stream(non_blocking=True)
+    x, pos = cp.empty((1, K), cp.float32), cp.zeros(1, cp.int32)
+    outs = [cp.empty((1, M), cp.float32) for M in rows]
+    run = qo.plan_mul_mat_group(ws, 1, rope=spec).bind(x, outs, stream, pos=pos)
+    with stream:
+        run()
+    stream.synchronize()
+    stream.begin_capture()
+    run()
+    graph = stream.end_capture()
+    for step in range(3):
+        xh = rng.standard_normal((1, K)).astype(np.float32)
+        ph = np.array([17 + 1000 * step], np.int32)
+        with stream:
+            x.set(xh)
+            pos.set(ph)
+            for o in outs:
+                o.fill(cp.nan)
+            graph.launch(stream)
+        stream.synchronize()
+        for g, (o, w) in enumerate(zip(outs, refs)):
+            want = xh.astype(np.float64) @ w.T
+            if g < 2:
+                want = _rope_ref(want, ph, d, d, 100000.0, 1.0)
+            e = _nmse(cp.asnumpy(o), want)
+            assert e <= DECODE_NMSE, f"seed {seed} step {step} member {g}: {e:.3g}"
+
+
+def test_mul_mat_group_size_caps():
+    """No GPU needed: the byte caps refuse before any kernel is looked up."""
+    from ggml_py.cuda import quant_ops as qo
+    W = lambda M, K: qo.DeviceWeight(3, (M, K), None, tensor_nbytes(3, (M, K)))
+    big = W(14336, 4096)                                        # 33 MB of Q4_1
+    assert big.nbytes > qo.GROUP_MAX_WEIGHT_BYTES
+    assert qo.plan_mul_mat_group([big, big], 1, glu="swiglu") is None
+    assert qo.plan_mul_mat_group([big], 1, residual=True) is None
+    q, kv = W(4096, 4096), W(1024, 4096)                        # 14 MB together: grouped, not normed
+    assert sum(w.nbytes for w in (q, kv, kv)) > qo.NORM_FUSE_MAX_BYTES
+    assert qo.plan_mul_mat_group([q, kv, kv], 1, norm=1e-5) is None

@@ -439,6 +439,39 @@ __device__ __forceinline__ void mmv_step(const u8* const (&wr)[R], const float* 
 // 33 MB matrices reads 1.6 (Q4_0, 20 us) to 2.2 TB/s (Q8_0); the SM's load path limits it,
 // not DRAM: per item a lane issues 2-3 narrow weight loads (blocks are 2-aligned) and two
 // x float4 loads, which R rows share. x traffic grows with n, so n = 8 takes ~3x n = 1.
+//
+// mmv_impl keeps its own copy of the step, the loop and the reduction: sharing them with the
+// grouped kernel below (mmvg_step, mmvg_rows, mmv_sums) changed its register allocation, and
+// the big-matrix path's timings were tuned on this code.
+
+// lanes -> lane 0 (shuffles) -> red[warp][r * N + j]; a barrier, then thread t < R*N sums
+// red[0..nw)[t] (mmv_total)
+template <int N, int R>
+__device__ __forceinline__ void mmv_sums(float (&acc)[R][N], float (*red)[R * N]) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int j = 0; j < N; ++j) {
+            float v = acc[r][j];
+            v += __shfl_xor_sync(0xffffffffu, v, 16);
+            v += __shfl_xor_sync(0xffffffffu, v, 8);
+            v += __shfl_xor_sync(0xffffffffu, v, 4);
+            v += __shfl_xor_sync(0xffffffffu, v, 2);
+            v += __shfl_xor_sync(0xffffffffu, v, 1);
+            if (lane == 0) red[warp][r * N + j] = v;
+        }
+    __syncthreads();
+}
+
+template <int N, int R>
+__device__ __forceinline__ float mmv_total(const float (*red)[R * N], int t) {
+    const int nw = blockDim.x >> 5;
+    float s = red[0][t];
+    for (int q = 1; q < nw; ++q) s += red[q][t];
+    return s;
+}
+
 template <class T, int N, int R>
 __device__ __forceinline__ void mmv_impl(const u8* __restrict__ w, const float* __restrict__ x,
                                          float* __restrict__ out, int M, int nb, int n) {
@@ -494,6 +527,243 @@ __device__ __forceinline__ void mmv_impl(const u8* __restrict__ w, const float* 
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// Grouped decode GEMV: the mul_mats of one decode step that share x (q/k/v of a layer; its
+// gate/up) as ONE launch; the weights stay separate tensors of one type and one K.
+//
+// mode 0 (group): CTAs [0, c1) compute rows of w0 -> o0 (M0 rows), [c1, c2) of w1 -> o1,
+//   [c2, grid) of w2 -> o2 (R rows a CTA, each weight's last CTA clamped as in mmv_impl).
+//   rope_mask bit g: member g's output is rotated (RoPE, ggml's "normal" mode: adjacent
+//   pairs) before it is stored, at positions pos[j]: row r of the member is element
+//   i = r % hd of its head, pairs (i, i+1) for even i < n_rot rotate, the rest pass. With R
+//   and hd even a pair never straddles two CTAs. The angle arithmetic is elementwise.cu's
+//   rope_f32, step for step (float theta by repeated multiplication, double sincos rounded
+//   once), so a fused rope gives the unfused one's bits.
+//   resid (mode 0, not with rope): out = x . W + resid (ops.add of the product and a residual
+//   stream of out's shape: llama's o and down projections); out may be resid itself (each
+//   element is read and written by one thread).
+// norm (1: no weight, 2: with norm_w): the products are of ops.rms_norm(x, eps, norm_w), folded
+//   into the loop (mmvg_step): the norm before q/k/v and before gate/up needs no launch of its
+//   own, and costs the CTA only FMAs on x it loads anyway. (A first version normed x into shared
+//   memory before the loop: every CTA then waited for that, and it cost what the launch saved.)
+// mode 1 (swiglu) / 2 (geglu): w0 = gate, w1 = up (M0 rows each); CTA b computes gate rows
+//   and up rows b*R/2 .. b*R/2 + R/2 - 1 (R weight rows, as many loads in flight as mmv's R)
+//   and stores only o0 = act(gate) * up (the elementwise kernels' formulas).
+//
+// Where the time goes: a SmolLM2 decode step's GEMVs are 0.3-1 MB each, 2-3 us of which
+// most is launch and ramp. H100, per layer, in a CUDA graph: norm + q/k/v + rope 10.3 us as 5
+// launches, 3.4 as one; norm + gate/up + swiglu 8.9 as 4, 3.3 as one; down + residual add 3.9
+// as 2, 2.9 as one. The whole decode step: 1.21 -> 0.78 ms (395 -> 186 launches).
+
+__device__ __forceinline__ float q_silu(float x) {           // elementwise.cu's ew_silu
+    return x / (1.0f + expf(-x));
+}
+
+__device__ __forceinline__ float q_gelu(float x) {           // elementwise.cu's ew_gelu
+    float t = __fmul_rn(x, x);
+    t = __fmul_rn(t, 0.044715f);
+    t = __fadd_rn(t, 1.0f);
+    t = __fmul_rn(t, x);
+    t = __fmul_rn(t, 0.79788456080286535587989211986876f);
+    t = tanhf(t);
+    t = __fadd_rn(t, 1.0f);
+    t = __fmul_rn(t, x);
+    return __fmul_rn(t, 0.5f);
+}
+
+// mmv_step for the grouped kernel, with the rms_norm folded in (norm != 0): the x float4s it
+// loads anyway give this thread's share of sum(x^2) (acc[R][j], reduced with the products;
+// each element of x is loaded once per CTA), and with a norm weight nw (norm == 2) x is
+// multiplied by it before the products; the epilogue multiplies by 1 / sqrt(mean + eps).
+// (rms_norm(x) . W = scale * sum_k x_k nw_k W_k: the reference's rounding differs only in
+// where scale is applied, ~1e-7 relative.) A copy of mmv_step, which stays as it is.
+template <class T, int N, int R>
+__device__ __forceinline__ void mmvg_step(const u8* const (&wr)[R], const float* const (&xr)[N], int it,
+                                          float (&acc)[R + 1][N], int norm, const float* __restrict__ nw) {
+    const int blk = it / T::NI, i = it % T::NI;
+    float4 xa[N], xb[N];
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+        const float* p = xr[j] + blk * T::QK;
+        xa[j] = *(const float4*)(p + T::o0(i));
+        xb[j] = *(const float4*)(p + T::o1(i));
+    }
+    if (norm) {
+#pragma unroll
+        for (int j = 0; j < N; ++j) {
+            float q = acc[R][j];
+            q = fmaf(xa[j].x, xa[j].x, q); q = fmaf(xa[j].y, xa[j].y, q);
+            q = fmaf(xa[j].z, xa[j].z, q); q = fmaf(xa[j].w, xa[j].w, q);
+            q = fmaf(xb[j].x, xb[j].x, q); q = fmaf(xb[j].y, xb[j].y, q);
+            q = fmaf(xb[j].z, xb[j].z, q); q = fmaf(xb[j].w, xb[j].w, q);
+            acc[R][j] = q;
+        }
+        if (norm == 2) {
+            const float* p = nw + blk * T::QK;
+            const float4 wa = *(const float4*)(p + T::o0(i)), wb = *(const float4*)(p + T::o1(i));
+#pragma unroll
+            for (int j = 0; j < N; ++j) {
+                xa[j].x *= wa.x; xa[j].y *= wa.y; xa[j].z *= wa.z; xa[j].w *= wa.w;
+                xb[j].x *= wb.x; xb[j].y *= wb.y; xb[j].z *= wb.z; xb[j].w *= wb.w;
+            }
+        }
+    }
+    float sa[N], sb[N];
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+        sa[j] = T::MIN ? (xa[j].x + xa[j].y) + (xa[j].z + xa[j].w) : 0.0f;
+        sb[j] = T::MIN ? (xb[j].x + xb[j].y) + (xb[j].z + xb[j].w) : 0.0f;
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        Item t;
+        T::dec(wr[r] + (long long)blk * T::BB, i, t);
+#pragma unroll
+        for (int j = 0; j < N; ++j) {
+            float a = t.v[0] * xa[j].x;
+            a = fmaf(t.v[1], xa[j].y, a);
+            a = fmaf(t.v[2], xa[j].z, a);
+            a = fmaf(t.v[3], xa[j].w, a);
+            float c;
+            if (T::ONE) {
+                c = fmaf(t.v[4], xb[j].x, a);
+                c = fmaf(t.v[5], xb[j].y, c);
+                c = fmaf(t.v[6], xb[j].z, c);
+                c = fmaf(t.v[7], xb[j].w, c);
+                acc[r][j] = T::FLT ? acc[r][j] + c : fmaf(t.s0, c, acc[r][j]);
+            } else {
+                c = t.v[4] * xb[j].x;
+                c = fmaf(t.v[5], xb[j].y, c);
+                c = fmaf(t.v[6], xb[j].z, c);
+                c = fmaf(t.v[7], xb[j].w, c);
+                acc[r][j] = fmaf(t.s0, a, acc[r][j]);
+                acc[r][j] = fmaf(t.s1, c, acc[r][j]);
+            }
+            if (T::MIN) {
+                acc[r][j] = fmaf(t.m0, sa[j], acc[r][j]);
+                acc[r][j] = fmaf(t.m1, sb[j], acc[r][j]);
+            }
+        }
+    }
+}
+
+// acc[r][j] = this thread's share of row wr[r] . x[j]; acc[R][j]: of sum(x[j]^2) when norm
+template <class T, int N, int R>
+__device__ __forceinline__ void mmvg_rows(const u8* const (&wr)[R], const float* __restrict__ x, int nb, int n,
+                                          float (&acc)[R + 1][N], int norm, const float* __restrict__ nw) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    const int K = nb * T::QK;
+    const float* xr[N];
+#pragma unroll
+    for (int j = 0; j < N; ++j) xr[j] = x + (long long)(j < n ? j : n - 1) * K;
+#pragma unroll
+    for (int r = 0; r <= R; ++r)
+#pragma unroll
+        for (int j = 0; j < N; ++j) acc[r][j] = 0.0f;
+
+    const int items = nb * T::NI, stride = nwarps * 32;
+    int it = warp * 32 + lane;
+    constexpr int U = N <= 2 ? 4 : 2;                  // as mmv_impl
+    for (; it + (U - 1) * stride < items; it += U * stride) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) mmvg_step<T, N, R>(wr, xr, it + u * stride, acc, norm, nw);
+    }
+    for (; it < items; it += stride) mmvg_step<T, N, R>(wr, xr, it, acc, norm, nw);
+}
+
+template <class T, int N, int R>
+__device__ __forceinline__ void mmvg_impl(const u8* __restrict__ w0, const u8* __restrict__ w1,
+                                          const u8* __restrict__ w2, float* __restrict__ o0,
+                                          float* __restrict__ o1, float* __restrict__ o2, int M0, int M1,
+                                          int M2, int c1, int c2, const float* __restrict__ x, int nb, int n,
+                                          int mode, const int* __restrict__ pos, int rope_mask, int hd,
+                                          int n_rot, float theta_scale, float freq_scale, const float* resid,
+                                          int norm, const float* __restrict__ norm_w, float eps) {
+    const long long rb = (long long)nb * T::BB;
+    const int b = blockIdx.x;
+    const u8* wr[R];
+    const u8* w;
+    float* out;
+    int M, r0, rope = 0;
+    if (mode == 0) {
+        const int g = b < c1 ? 0 : (b < c2 ? 1 : 2);
+        w = g == 0 ? w0 : (g == 1 ? w1 : w2);
+        out = g == 0 ? o0 : (g == 1 ? o1 : o2);
+        M = g == 0 ? M0 : (g == 1 ? M1 : M2);
+        r0 = (b - (g == 0 ? 0 : (g == 1 ? c1 : c2))) * R;
+        rope = (rope_mask >> g) & 1;
+#pragma unroll
+        for (int r = 0; r < R; ++r) wr[r] = w + (long long)(r0 + r < M ? r0 + r : M - 1) * rb;
+    } else {
+        w = w0;
+        out = o0;
+        M = M0;
+        r0 = b * (R / 2);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const int row = r0 + (r % (R / 2));
+            wr[r] = (r < R / 2 ? w0 : w1) + (long long)(row < M ? row : M - 1) * rb;
+        }
+    }
+    float acc[R + 1][N];
+    mmvg_rows<T, N, R>(wr, x, nb, n, acc, norm, norm_w);
+    __shared__ float red[8][(R + 1) * N];
+    mmv_sums<N, R + 1>(acc, red);
+    const int t = threadIdx.x;
+    // the rms_norm's 1 / sqrt(mean(x[j]^2) + eps) of the output's x row j (1 without a norm)
+    auto nscale = [&](int j) -> float {
+        return norm ? 1.0f / sqrtf(mmv_total<N, R + 1>(red, R * N + j) / (float)(nb * T::QK) + eps) : 1.0f;
+    };
+    if (mode != 0) {                                   // gated: act(gate row r) * (up row r)
+        if (t < (R / 2) * N) {
+            const int r = t / N, j = t % N;
+            const float sc = nscale(j);
+            const float gs = mmv_total<N, R + 1>(red, t) * sc;
+            const float us = mmv_total<N, R + 1>(red, t + (R / 2) * N) * sc;
+            const float y = (mode == 1 ? q_silu(gs) : q_gelu(gs)) * us;
+            if (r0 + r < M && j < n) out[(long long)j * M + r0 + r] = y;
+        }
+        return;
+    }
+    if (!rope) {
+        if (t < R * N) {
+            const int r = t / N, j = t % N;
+            float s = mmv_total<N, R + 1>(red, t) * nscale(j);
+            if (r0 + r < M && j < n) {
+                const long long e = (long long)j * M + r0 + r;
+                if (resid != nullptr) s = s + resid[e];          // ops.add(mul_mat, resid); resid may be out
+                out[e] = s;
+            }
+        }
+        return;
+    }
+    __shared__ float fin[R * N];                       // the sums, for the pair partner
+    float s = 0.0f;
+    if (t < R * N) {
+        s = mmv_total<N, R + 1>(red, t) * nscale(t % N);
+        fin[t] = s;
+    }
+    __syncthreads();
+    if (t < R * N) {
+        const int r = t / N, j = t % N, row = r0 + r;
+        const int i = row % hd;
+        float y = s;
+        if (i < n_rot) {
+            const float other = fin[(r ^ 1) * N + j];
+            const float a0 = (i & 1) ? other : s, a1 = (i & 1) ? s : other;
+            float theta = (float)pos[j < n ? j : n - 1];
+            for (int k = 0; k < (i >> 1); ++k) theta = __fmul_rn(theta, theta_scale);
+            const double ang = (double)__fmul_rn(theta, freq_scale);
+            double sv, cv;
+            sincos(ang, &sv, &cv);
+            const float c = (float)cv, sn = (float)sv;
+            y = (i & 1) ? __fadd_rn(__fmul_rn(a0, sn), __fmul_rn(a1, c))     // a sin + b cos
+                        : __fsub_rn(__fmul_rn(a0, c), __fmul_rn(a1, sn));    // a cos - b sin
+        }
+        if (row < M && j < n) out[(long long)j * M + row] = y;
+    }
+}
+
 // rows of W picked by ids: out[j, :] = W[clamp(ids[j]), :] (f32), one thread per item
 template <class T>
 __device__ __forceinline__ void getrows_impl(const u8* __restrict__ w, const int* __restrict__ ids,
@@ -542,6 +812,18 @@ __device__ __forceinline__ void deq16_impl(const u8* __restrict__ w, __half* __r
         mmv_impl<T, N, R>(w, x, out, M, nb, n);                                                   \
     }
 
+#define Q_MMVG(NAME, T, N, R)                                                                     \
+    extern "C" __global__ void __launch_bounds__(256) mmvg_##NAME##_n##N##_r##R(                  \
+        const u8* __restrict__ w0, const u8* __restrict__ w1, const u8* __restrict__ w2,           \
+        float* __restrict__ o0, float* __restrict__ o1, float* __restrict__ o2, int M0, int M1,    \
+        int M2, int c1, int c2, const float* __restrict__ x, int nb, int n, int mode,              \
+        const int* __restrict__ pos, int rope_mask, int hd, int n_rot, float theta_scale,          \
+        float freq_scale, const float* resid, int norm, const float* __restrict__ norm_w,          \
+        float eps) {                                                                              \
+        mmvg_impl<T, N, R>(w0, w1, w2, o0, o1, o2, M0, M1, M2, c1, c2, x, nb, n, mode, pos,        \
+                           rope_mask, hd, n_rot, theta_scale, freq_scale, resid, norm, norm_w, eps); \
+    }
+
 #define Q_TYPE(NAME, T)                                                                           \
     extern "C" __global__ void getrows_##NAME(const u8* __restrict__ w, const int* __restrict__ ids, \
                                               float* __restrict__ out, int n, int rows, int nb) {  \
@@ -556,7 +838,10 @@ __device__ __forceinline__ void deq16_impl(const u8* __restrict__ w, __half* __r
 
 // The types of the reference models (SmolLM2 Q4_1 + Q8_0, Gemma-3 Q4_K_M = Q4_K, Q6_K,
 // Q5_0, Q8_0, Llama Q4_0) get extra row-count variants for tuning (quant_ops picks one).
-#define Q_MAIN(NAME, T) Q_TYPE(NAME, T) Q_MMV(NAME, T, 1, 4) Q_MMV(NAME, T, 4, 4) Q_MMV(NAME, T, 8, 4)
+// They also get the grouped kernels (mmvg_*), in the variants quant_ops' choice can name.
+#define Q_MAIN(NAME, T) Q_TYPE(NAME, T) Q_MMV(NAME, T, 1, 4) Q_MMV(NAME, T, 4, 4) Q_MMV(NAME, T, 8, 4)  \
+    Q_MMVG(NAME, T, 1, 2) Q_MMVG(NAME, T, 1, 4) Q_MMVG(NAME, T, 2, 2) Q_MMVG(NAME, T, 4, 4)        \
+    Q_MMVG(NAME, T, 8, 4)
 
 Q_MAIN(q4_0, TQ4_0)
 Q_MAIN(q4_1, TQ4_1)

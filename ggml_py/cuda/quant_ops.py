@@ -16,6 +16,11 @@ specification); ``quant.cu`` holds one small decoder per type.
   them with f32 accumulation, writing f32 ``out``. F16 weights skip the dequantization;
   F32 weights (and f32 activation matrices) go straight to an f32 GEMM.
 
+Grouped decode GEMVs (``plan_mul_mat_group``, kernels ``mmvg_<type>_n<N>_r<R>`` for the main
+types): the mul_mats of one x (q/k/v; gate/up) as one launch, optionally with the ropes of q
+and k, the swiglu/geglu of gate and up, the rms_norm of x, or a residual add folded in; the
+CuPy backend's plan decides what to group (``CupyBackend._mm_regions``).
+
 Choices are made once per (type, shape, n) at plan time: ``plan_mul_mat(w, n, scratch)``
 returns a callable ``(x, out, stream)``, and its ``bind(x, out, stream)`` a zero-argument
 callable whose run-time cost is the launches alone. Nothing here allocates or synchronises
@@ -381,6 +386,162 @@ class MulMatPlan:
                                      (wt, w16, np.int32(rows), np.int32(K // qk))))
             steps.append(_Gemm(w16, _CUDA_R_16F, x16, _CUDA_R_16F, out, rows, n, K, m0, M, stream))
         return _runner(steps, stream)
+
+
+# -- grouped GEMV: mul_mats that share x, as one launch -------------------------------------------
+
+GROUP_MAX = 3                          # weights of one grouped launch (q, k, v)
+GROUP_TYPES = _MAIN_TYPES              # ggml types with grouped kernels
+# (N, R) variants of the grouped kernels mmvg_<type>_n<N>_r<R>, compiled for _MAIN_TYPES: the
+# ones _mmv_variant names for those types (R = 2 only at n <= 2)
+_GROUP_VARIANTS = frozenset({(1, 2), (1, 4), (2, 2), (4, 4), (8, 4)})
+_GLU_MODES = {"swiglu": 1, "geglu": 2}
+
+
+# Weights above this many bytes keep their own launches: there a launch is a few percent of the
+# kernel, and the single-weight kernels are the tuned big-matrix path. (H100, llama3-8B Q4_0,
+# n = 1, per layer with rotating weights: q/k/v 9.4 + 2 x 2.4 MB grouped with the ropes 15.8 us
+# against 24.2 for 3 GEMVs + rope; gate/up 2 x 33 MB + swiglu grouped 44.3 us against 47.3,
+# down 33 MB + residual 22.3 against 22.7 -- measured once each, so the cap stays.)
+GROUP_MAX_WEIGHT_BYTES = 16 << 20
+# The rms_norm folded into a group costs every CTA 8 FMAs per item and row of x and the norm
+# weight's loads: it pays for the launch it saves only on small groups (SmolLM2 q/k/v 0.35 MB:
+# 5.5 -> 3.4 us a layer, gate/up 1.1 MB: 5.4 -> 3.3; llama3-8B q/k/v 14 MB: 15.8 -> 16.4, gate/up
+# 66 MB: 44.3 -> 50.4). Groups of more bytes than this keep the norm's own launch.
+NORM_FUSE_MAX_BYTES = 4 << 20
+
+
+def plan_mul_mat_group(ws, n: int, *, glu: str | None = None, rope: dict | None = None,
+                       norm: float | None = None, residual: bool = False,
+                       max_weight_bytes: int | None = GROUP_MAX_WEIGHT_BYTES,
+                       max_norm_bytes: int | None = NORM_FUSE_MAX_BYTES) -> "GroupPlan | None":
+    """One launch for several decode mul_mats of the same x (n <= 8): ``outs[g] = x @ ws[g].T``.
+
+    ws: 2 or 3 ``DeviceWeight`` of one type and one K (separate tensors, nothing copied).
+    glu: "swiglu" | "geglu": ws = (gate, up) of the same shape and the launch writes only
+    ``act(x @ gate.T) * (x @ up.T)`` (ops.swiglu / ops.geglu).
+    rope: {"members": (g, ...), "head_dim": d, "n_rot": .., "base": .., "freq_scale": ..}: the
+    outputs of those members are rotated (``ops.rope``, normal mode, at the positions given to
+    ``bind``) before they are stored, as (n, M_g // d, d) tensors.
+    norm: eps: the products are of ``ops.rms_norm(x, eps, norm_w)`` (norm_w given to ``bind``,
+    may be None): the kernel folds the norm into its loop (sum of squares of the x it loads,
+    x * norm_w, the scale applied to the sums).
+    residual: ws is ONE weight and ``out = x @ W.T + resid`` (``ops.add``; resid given to
+    ``bind``, of out's shape, and may be out itself).
+
+    Returns None when no grouped kernel fits (other types, mixed types or K, n > 8, a shape
+    the rope epilogue cannot pair, a weight over ``max_weight_bytes``, a norm with more than
+    ``max_norm_bytes`` of weights): the caller then runs the ops one by one.
+    """
+    ws = tuple(ws)
+    n = int(n)
+    if not 1 <= n <= DECODE_MAX_N or not (1 if residual else 2) <= len(ws) <= (1 if residual else GROUP_MAX):
+        return None
+    if residual and (glu is not None or rope is not None):
+        return None
+    if not all(isinstance(w, DeviceWeight) and len(w.shape) == 2 for w in ws):
+        return None
+    if max_weight_bytes is not None and any(w.nbytes > max_weight_bytes for w in ws):
+        return None
+    if norm is not None and max_norm_bytes is not None and sum(w.nbytes for w in ws) > max_norm_bytes:
+        return None
+    tid, K = ws[0].ggml_type, ws[0].cols
+    if tid not in GROUP_TYPES or any(w.ggml_type != tid or w.cols != K or w.rows == 0 for w in ws):
+        return None
+    qk, ni = _QK_NI[tid]
+    if K % qk:
+        return None
+    items = K // qk * ni
+    M_all = sum(w.rows for w in ws)
+    N, R = _mmv_variant(tid, n, M_all, items)
+    if (N, R) not in _GROUP_VARIANTS or n > N or R % 2:
+        return None
+    mode = 0
+    if glu is not None:
+        if glu not in _GLU_MODES or len(ws) != 2 or ws[0].shape != ws[1].shape or rope is not None:
+            return None
+        mode = _GLU_MODES[glu]
+    rope_mask, rope_args = 0, (0, 0, np.float32(0), np.float32(0))
+    if rope is not None:
+        d, n_rot = int(rope["head_dim"]), int(rope["n_rot"])
+        members = tuple(int(g) for g in rope["members"])
+        if (not members or d % 2 or not 0 < n_rot <= d or n_rot % 2
+                or any(not 0 <= g < len(ws) or ws[g].rows % d for g in members)):
+            return None
+        from .elementwise_ops import rope_theta_scale
+        for g in members:
+            rope_mask |= 1 << g
+        rope_args = (d, n_rot, rope_theta_scale(float(rope["base"]), n_rot), np.float32(rope["freq_scale"]))
+    # warps: what mmv would take for the largest member alone (a glu CTA holds R/2 rows of
+    # each weight: R rows, as mmv's); from the group's total rows, 14336 x 4096 gate/up got 2
+    # warps where mmv's 4 are the measured best
+    W = _mmv_warps(items, max(w.rows for w in ws), R, N)
+    return GroupPlan(ws, n, f"mmvg_{_NAMES[tid]}_n{N}_r{R}", R, W, mode, rope_mask, rope_args,
+                     norm, bool(residual))
+
+
+class GroupPlan:
+    """A grouped decode GEMV chosen once (plan_mul_mat_group); ``bind(x, outs, stream, ...)``."""
+
+    def __init__(self, ws, n, kernel, R, warps, mode, rope_mask, rope_args, norm=None, residual=False) -> None:
+        self.ws, self.n, self.kernel, self.rows_per_cta, self.warps = ws, n, kernel, R, warps
+        self.mode, self.rope_mask, self.rope_args = mode, rope_mask, rope_args
+        self.norm, self.residual = norm, residual
+        self.K = ws[0].cols
+        qk, _ = _QK_NI[ws[0].ggml_type]
+        self.nb = self.K // qk
+        if mode:
+            self.ctas = (-(-ws[0].rows // (R // 2)),)
+        else:
+            self.ctas = tuple(-(-w.rows // R) for w in ws)
+        self._kern = _kernel(kernel)
+
+    @property
+    def n_outputs(self) -> int:
+        return 1 if self.mode else len(self.ws)
+
+    def bind(self, x, outs, stream=None, pos=None, norm_w=None, resid=None) -> Callable[[], None]:
+        """A zero-argument launch over these buffers (graph-capturable). outs: one (n, M_g) f32
+        array per weight (glu: one (n, M)); pos: (n,) int32 positions when the plan ropes;
+        norm_w: (K,) f32 or None when it norms; resid: (n, M) f32 when it adds a residual."""
+        n, K = self.n, self.K
+        _check_act(x, (n, K), "x", 16)
+        outs = list(outs)
+        if len(outs) != self.n_outputs:
+            raise ValueError(f"grouped mul_mat: {self.n_outputs} outputs expected, got {len(outs)}")
+        for g, o in enumerate(outs):
+            _check_act(o, (n, self.ws[g].rows), f"out[{g}]")
+        for w in self.ws:
+            if w.data.data.ptr % 16:
+                raise ValueError("mul_mat: the weight matrix must be 16-byte aligned")
+        if self.rope_mask:
+            if pos is None or pos.dtype != np.int32 or tuple(pos.shape) != (n,) or not pos.flags.c_contiguous:
+                raise ValueError(f"grouped mul_mat with rope: pos must be a contiguous ({n},) int32 array")
+        if self.norm is not None and norm_w is not None:
+            if norm_w.dtype != np.float32 or tuple(norm_w.shape) != (K,) or not norm_w.flags.c_contiguous:
+                raise ValueError(f"grouped mul_mat: norm weight must be a contiguous ({K},) float32 array")
+            if norm_w.data.ptr % 16:
+                raise ValueError("grouped mul_mat: the norm weight must be 16-byte aligned")
+        if self.residual:
+            if resid is None:
+                raise ValueError("grouped mul_mat with a residual: resid is missing")
+            _check_act(resid, (n, self.ws[0].rows), "resid")
+        ws = list(self.ws) + [None] * (GROUP_MAX - len(self.ws))
+        data = [None if w is None else w.data for w in ws]
+        os_ = outs + [None] * (GROUP_MAX - len(outs))
+        Ms = [0 if w is None else w.rows for w in ws]
+        c = list(self.ctas) + [0] * (GROUP_MAX - len(self.ctas))
+        c1, c2 = c[0], c[0] + c[1]
+        grid = sum(self.ctas)
+        d, n_rot, ts, fs = self.rope_args
+        args = (data[0], data[1], data[2], os_[0], os_[1], os_[2], np.int32(Ms[0]), np.int32(Ms[1]),
+                np.int32(Ms[2]), np.int32(c1), np.int32(c2), x, np.int32(self.nb), np.int32(n),
+                np.int32(self.mode), pos if self.rope_mask else None, np.int32(self.rope_mask),
+                np.int32(d), np.int32(n_rot), np.float32(ts), np.float32(fs),
+                resid if self.residual else None,
+                np.int32(0 if self.norm is None else (2 if norm_w is not None else 1)),
+                norm_w if self.norm is not None else None, np.float32(self.norm or 0.0))
+        return _runner([partial(self._kern, (grid,), (32 * self.warps,), args)], stream)
 
 
 class _Cublas:
