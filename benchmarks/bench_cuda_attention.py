@@ -1,6 +1,6 @@
 """Timings of the CuPy attention kernels (ggml_py/cuda/attention.cu) on the GPU.
 
-    python benchmarks/bench_cuda_attention.py [--quick]
+    python benchmarks/bench_cuda_attention.py [--quick] [--sweep] [--old DIR] [--precompile]
 
 Decode (n = 1) at kv_len 128 / 1024 / 8192 and prefill (n = 512 over kv 512, causal) for the
 SmolLM2-135M, Gemma-3-1B and Llama-3-8B attention shapes, f16 pages of 16 slots, block tables
@@ -10,10 +10,36 @@ kv_len changes). Each timing replays a CUDA graph of NL calls, each over its own
 (CUDA events, after warm-up). Decode GB/s counts the K, V and position bytes below kv_len
 once; prefill TFLOP/s counts 2 FLOPs per multiply-add of q.k and p.v over the visible
 (causal) pairs only.
+
+--sweep: decode variants around the defaults: split_keys (fewest keys per split), one-level
+combine / flat_max, the cp.async kernel ("tc") instead of bulk copies ("tcb"), grid sizes.
+--old DIR: also time the attention_ops.py / attention.cu found in DIR (e.g. the previous
+version, `git show <rev>:ggml_py/cuda/attention.cu > DIR/attention.cu`, same for
+attention_ops.py) on the same pages, for a before/after table.
+--precompile: compile every module variant the benchmark and the tests use, in parallel
+processes (fills CuPy's on-disk cache), and exit.
+
+Measured on an H100 80GB HBM3 (SM clock 1977 MHz under load, device copy 2708 GB/s), 2026-11-24,
+`--old <split+reduce version> --sweep --no-prefill`; decode, us per call, f16 pages:
+
+| shape (H/Hkv/d)        | kv 128 before / after | kv 1024 before / after | kv 8192 before / after |
+|------------------------|-----------------------|------------------------|------------------------|
+| SmolLM2 (9/3/64)       |  7.20 /  6.63         |  7.33 /  8.61          | 10.86 / 13.20          |
+| Gemma-3 (4/1/256)      | 12.85 /  7.58         | 13.31 / 12.52          | 14.16 / 19.09          |
+| Llama-8B (32/8/128)    |  9.84 /  7.60         | 10.59 / 11.12          | 22.80 / 23.47          |
+
+What bounds it: one block streams K/V at only ~10-25 GB/s (a 64-key tile round trip is ~5 us
+with 1-3 tiles in flight per block; sequential pages change nothing), so time goes with the
+keys per block and with the partials one block has to read back. Bulk copies (tcb) beat
+cp.async (tc) by up to 2x (Gemma kv 128: 15.6 -> 7.6 us); the two-level combine beats one
+level at 8192 (Gemma 39.4 -> 19.1 us). An empty block costs too: at kv 128 Llama's 264-block
+grid runs 0.8 us slower than a 128-block one (both use one split): the working blocks (split
+0 of each kv head) are dispatched last in a (splits, Hkv) grid.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -67,8 +93,45 @@ class Layers:
         self.bt = cp.asarray(bt)
 
 
-def bench_decode(cp, name, H, hkv, dk, dtype, kv_lens, reps, rng, blocks_per_sm=(2.0,), kernels=(None,),
-                 parts=False):
+def load_old(path: str):
+    """attention_ops.py of another version (DIR/attention_ops.py + DIR/attention.cu), compiled apart."""
+    import cupy
+
+    from ggml_py.cuda import compile as comp
+    src = (Path(path) / "attention.cu").read_text()
+    spec = importlib.util.spec_from_file_location("ggml_py.cuda._attention_old", Path(path) / "attention_ops.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cache: dict = {}
+    real = comp.load_module
+
+    def load(name, options=()):
+        if name != "attention":
+            return real(name, options)
+        opts = comp.DEFAULT_OPTIONS + tuple(options)
+        m = cache.get(opts)
+        if m is None:
+            m = cache[opts] = cupy.RawModule(code=src, options=opts, backend="nvrtc")
+            m.compile()
+        return m
+
+    class Old:                                  # plan_attention with the old sources swapped in
+        module = mod
+
+        @staticmethod
+        def plan_attention(*a, **k):
+            comp.load_module = load
+            try:
+                return mod.plan_attention(*a, **k)
+            finally:
+                comp.load_module = real
+
+        attention_scratch_bytes = staticmethod(mod.attention_scratch_bytes)
+        num_splits = staticmethod(mod.num_splits)
+    return Old
+
+
+def decode_setup(cp, H, hkv, dk, dtype, rng):
     dv = dk
     per_layer = MAX_CTX * hkv * (dk + dv) * (2 if dtype == "f16" else 4)
     nl = int(max(4, min(32, -(-400_000_000 // per_layer))))
@@ -78,30 +141,71 @@ def bench_decode(cp, name, H, hkv, dk, dtype, kv_lens, reps, rng, blocks_per_sm=
     out = cp.empty((1, H * dv), cp.float32)
     kv_len = cp.zeros(1, cp.int32)
     q_pos = cp.full(1, MAX_CTX, cp.int32)
+    return dict(nl=nl, lay=lay, stream=stream, q=q, out=out, kv_len=kv_len, q_pos=q_pos, H=H, hkv=hkv, dk=dk,
+                dtype=dtype)
+
+
+def decode_steps(cp, S, mod=None, **knobs):
+    """NL planned decode steps (one per layer) of module ``mod`` (default: the current attention_ops)."""
+    mod = mod or ao
+    lay, H, hkv, dk = S["lay"], S["H"], S["hkv"], S["dk"]
+    splits = knobs.get("splits")
+    nb = mod.attention_scratch_bytes(1, H, dk, MAX_CTX, hkv, PAGE)
+    if splits is not None:
+        nb = max(nb, ao._partials_bytes(splits, H, dk) + 4096)
+    scratch = cp.empty(nb, cp.uint8)
+    S.setdefault("keep", []).append(scratch)
+    return [mod.plan_attention(S["q"], lay.k[i], lay.v[i], lay.pos[i], lay.bt, S["kv_len"], S["q_pos"], S["out"],
+                               dk ** -0.5, 0, 0.0, S["stream"], scratch, **knobs) for i in range(S["nl"])]
+
+
+def time_decode(cp, S, steps, L, reps, between=None):
+    """Median us per call of the NL steps at kv_len L (``between``: a step launched before each)."""
+    def run():
+        for s in steps:
+            if between is not None:
+                between()
+            s()
+    S["kv_len"].fill(L)
+    cp.cuda.runtime.deviceSynchronize()
+    return time_graph(cp, S["stream"], run, reps) / S["nl"] * 1e3
+
+
+def decode_row(S, name, tag, L, us):
+    nbytes = L * S["hkv"] * 2 * S["dk"] * (2 if S["dtype"] == "f16" else 4) + L * 4
+    return (f"decode {name} {S['dtype']} {tag}", L, us, nbytes / (us * 1e-6) / 1e9, "GB/s")
+
+
+def bench_decode(cp, name, H, hkv, dk, dtype, kv_lens, reps, rng, old=None, sweep=False, summary=None):
+    S = decode_setup(cp, H, hkv, dk, dtype, rng)
     rows = []
-    for kern in kernels:
-        for bps in blocks_per_sm:
-            splits = ao.num_splits(hkv, lay.max_pages, blocks_per_sm=bps)
-            scratch = cp.empty(ao.attention_scratch_bytes(1, H, dv, MAX_CTX, hkv, PAGE, blocks_per_sm=bps),
-                               cp.uint8)
-            steps = [ao.plan_attention(q, lay.k[i], lay.v[i], lay.pos[i], lay.bt, kv_len, q_pos, out, dk ** -0.5,
-                                       0, 0.0, stream, scratch, splits=splits, decode_kernel=kern)
-                     for i in range(nl)]
-            variants = [("", steps)]
-            if parts:                      # the split kernel alone / the reduce alone
-                variants += [(" [split kernel]", [s.parts[0] for s in steps]), (" [reduce]", [s.parts[1] for s in steps])]
-            for tag, sts in variants:
-                def run(sts=sts):
-                    for s in sts:
-                        s()
-                for L in kv_lens:
-                    kv_len.fill(L)
-                    cp.cuda.runtime.deviceSynchronize()
-                    ms = time_graph(cp, stream, run, reps) / nl
-                    nbytes = L * hkv * (dk + dv) * (2 if dtype == "f16" else 4) + L * 4
-                    rows.append((f"decode {name} {dtype} {kern or 'auto'} splits={splits}{tag}", L, ms * 1e3,
-                                 nbytes / (ms * 1e-3) / 1e9, "GB/s"))
-    del lay
+    new = decode_steps(cp, S)
+    kvb = 2 if dtype == "f16" else 4
+    kind = ("tcb" if ao.bulk_copies_ok(PAGE) else "tc") if kvb == 2 else "fma"
+    grid = ao.default_splits(hkv, S["lay"].max_pages, ao.decode_kernel_smem(kind, kvb, dk, dk, H // hkv)[1])
+    sk = ao.default_split_keys(hkv, H // hkv, dk, dk, kvb)
+    olds = decode_steps(cp, S, old) if old is not None else None
+    for L in kv_lens:
+        us = time_decode(cp, S, new, L, reps)
+        rows.append(decode_row(S, name, f"fused default grid={grid} sk={sk}", L, us))
+        if summary is not None:
+            summary.setdefault((name, dtype, L), {})["after"] = us
+        if olds is not None:
+            us_old = time_decode(cp, S, olds, L, reps)
+            rows.append(decode_row(S, name, "OLD split+reduce", L, us_old))
+            if summary is not None:
+                summary[(name, dtype, L)]["before"] = us_old
+    if sweep and dtype == "f16":
+        full = ao.num_splits(hkv, S["lay"].max_pages)
+        variants = [(f"sk={k}", dict(split_keys=k)) for k in (64, 128, 256) if k != sk]
+        variants += [("one-level combine", dict(flat_max=4096)), ("flat_max=8", dict(flat_max=8)),
+                     ("tc (cp.async)", dict(decode_kernel="tc"))]
+        variants += [(f"grid={g}", dict(splits=g)) for g in sorted({16, 24, 33, 48, 64, full}) if g != grid]
+        for tag, kn in variants:
+            st = decode_steps(cp, S, **kn)
+            for L in kv_lens:
+                rows.append(decode_row(S, name, f"sweep {tag}", L, time_decode(cp, S, st, L, reps)))
+    del S
     return rows
 
 
@@ -129,6 +233,24 @@ def bench_prefill(cp, name, H, hkv, dk, dtype, n, reps, rng, variants=((None, No
         rows.append((f"prefill {name} {dtype} {kind or 'auto'} rows={rows_ or 'auto'}", n, ms * 1e3,
                      flops / (ms * 1e-3) / 1e12, "TFLOP/s"))
     return rows
+
+
+def sm_clock_mhz(cp) -> float:
+    """SM clock while busy: cycles a spinning kernel counts (clock64) over the time events measure."""
+    k = cp.RawKernel(r'''extern "C" __global__ void spin(long long n, long long* out) {
+        long long t0 = clock64(), t = t0;
+        while (t - t0 < n) t = clock64();
+        if (threadIdx.x == 0) out[blockIdx.x] = t - t0; }''', "spin")
+    out = cp.zeros(132, cp.int64)
+    n = 20_000_000
+    k((132,), (32,), (np.int64(n), out))
+    cp.cuda.runtime.deviceSynchronize()
+    a, b = cp.cuda.Event(), cp.cuda.Event()
+    a.record()
+    k((132,), (32,), (np.int64(n), out))
+    b.record()
+    b.synchronize()
+    return n / (cp.cuda.get_elapsed_time(a, b) * 1e3)
 
 
 def bench_copy(cp, reps):
@@ -164,11 +286,46 @@ def bench_kv_store(cp, H, hkv, dk, n, reps, rng):
     return (f"kv_store llama3-8b f16 n={n}", n, ms * 1e3, nbytes / (ms * 1e-3) / 1e9, "GB/s")
 
 
+def precompile(old: str | None) -> None:
+    """Compile the module variants of this benchmark and of tests/test_cuda_attention.py in parallel."""
+    from concurrent.futures import ProcessPoolExecutor
+    jobs = []
+    for kvb in (2, 4):
+        for d in (64, 128, 256):
+            jobs.append((None, kvb, d))
+            if old:
+                jobs.append((old, kvb, d))
+    with ProcessPoolExecutor(8) as ex:
+        for r in ex.map(_compile_one, jobs):
+            print(r, flush=True)
+
+
+def _compile_one(job):
+    import time
+    path, kvb, d = job
+    t = time.time()
+    m = load_old(path).module if path else ao
+    opts = (f"-DATTN_KV_F16={int(kvb == 2)}", f"-DATTN_DK={d}", f"-DATTN_DV={d}", f"-DATTN_PAGE={PAGE}",
+            f"-DATTN_DEC_STAGES={m.decode_stages(kvb, d, d)}", f"-DATTN_DEC_TC_STAGES={m.decode_tc_stages(d, d)}")
+    import cupy
+
+    from ggml_py.cuda import compile as comp
+    src = (Path(path) / "attention.cu").read_text() if path else comp.cu_path("attention").read_text()
+    cupy.RawModule(code=src, options=comp.DEFAULT_OPTIONS + opts, backend="nvrtc").compile()
+    return f"compiled {path or 'current'} kvb={kvb} d={d} in {time.time() - t:.1f} s"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer repetitions, no sweeps")
-    ap.add_argument("--sweep", action="store_true", help="decode splits and prefill tile sweeps")
+    ap.add_argument("--sweep", action="store_true", help="decode split sweeps, decode in context, prefill tiles")
+    ap.add_argument("--old", metavar="DIR", help="also time attention_ops.py + attention.cu from DIR")
+    ap.add_argument("--precompile", action="store_true", help="compile the module variants in parallel and exit")
+    ap.add_argument("--no-prefill", action="store_true", help="decode only")
     args = ap.parse_args()
+    if args.precompile:
+        precompile(args.old)
+        return
     import cupy as cp
 
     reps = 20 if args.quick else 50
@@ -176,41 +333,40 @@ def main() -> None:
     dev = cp.cuda.Device()
     props = cp.cuda.runtime.getDeviceProperties(dev.id)
     print(f"device: {props['name'].decode()}  SMs: {ao.num_sms()}", flush=True)
+    old = load_old(args.old) if args.old else None
     rows = [bench_copy(cp, reps)]
+    print(f"SM clock under load: {sm_clock_mhz(cp):.0f} MHz", flush=True)
+    summary: dict = {}
     for name, (H, hkv, dk) in SHAPES.items():
         k0 = len(rows)
-        rows += bench_decode(cp, name, H, hkv, dk, "f16", (128, 1024, 8192), reps, rng)
-        if args.sweep:
-            rows += bench_decode(cp, name, H, hkv, dk, "f16", (8192,), reps, rng, (1.0, 2.0, 3.0), ("tc", "fma"),
-                                 parts=(name == "llama3-8b"))
+        rows += bench_decode(cp, name, H, hkv, dk, "f16", (128, 1024, 8192), reps, rng, old, args.sweep, summary)
         for r in rows[k0:]:
             print(r, flush=True)
-    if args.sweep:                         # pipeline depth of the tensor-core decode (stages of 64 keys)
-        saved = ao._DEC_TC_STAGE_BUDGET
-        for budget in (70 * 1024, 145 * 1024):
-            ao._DEC_TC_STAGE_BUDGET = budget
-            tag = f"stages={ao.decode_tc_stages(128, 128)}"
-            for r in bench_decode(cp, "llama3-8b", 32, 8, 128, "f16", (1024, 8192), reps, rng, (1.0, 2.0), ("tc",),
-                                  parts=True):
-                rows.append((r[0] + " " + tag,) + r[1:])
-                print(rows[-1], flush=True)
-        ao._DEC_TC_STAGE_BUDGET = saved
-    rows += bench_decode(cp, "llama3-8b", 32, 8, 128, "f32", (8192,), reps, rng)
-    for name, (H, hkv, dk) in SHAPES.items():
-        variants = [(None, None)]
-        if args.sweep:
-            variants += [("tc", 32), ("fma", None)]
-        rows += bench_prefill(cp, name, H, hkv, dk, "f16", 512, reps, rng, variants)
-        for r in rows[-len(variants):]:
-            print(r, flush=True)
-    rows += bench_prefill(cp, "llama3-8b", 32, 8, 128, "f32", 512, reps, rng)
-    rows += [bench_kv_store(cp, 32, 8, 128, n, reps, rng) for n in (1, 512)]
+    rows += bench_decode(cp, "llama3-8b", 32, 8, 128, "f32", (8192,), reps, rng, old, False, summary)
+    if not args.no_prefill:
+        for name, (H, hkv, dk) in SHAPES.items():
+            variants = [(None, None)]
+            if args.sweep:
+                variants += [("tc", 32), ("fma", None)]
+            rows += bench_prefill(cp, name, H, hkv, dk, "f16", 512, reps, rng, variants)
+            for r in rows[-len(variants):]:
+                print(r, flush=True)
+        rows += bench_prefill(cp, "llama3-8b", 32, 8, 128, "f32", 512, reps, rng)
+        rows += [bench_kv_store(cp, 32, 8, 128, n, reps, rng) for n in (1, 512)]
 
     print()
-    print(f"| {'case':<44} | {'n / kv':>6} | {'median us':>10} | {'rate':>14} |")
-    print(f"|{'-' * 46}|{'-' * 8}|{'-' * 12}|{'-' * 16}|")
+    print(f"| {'case':<52} | {'n / kv':>6} | {'median us':>10} | {'rate':>14} |")
+    print(f"|{'-' * 54}|{'-' * 8}|{'-' * 12}|{'-' * 16}|")
     for what, L, us, rate, unit in rows:
-        print(f"| {what:<44} | {L:>6} | {us:>10.2f} | {rate:>8.1f} {unit:<7}|")
+        print(f"| {what:<52} | {L:>6} | {us:>10.2f} | {rate:>8.1f} {unit:<7}|")
+    if summary:
+        print()
+        print("decode, us per call (CUDA-graph replays, f16 unless noted):")
+        print(f"| {'shape':<22} | {'kv':>5} | {'before':>8} | {'after':>8} |")
+        print(f"|{'-' * 24}|{'-' * 7}|{'-' * 10}|{'-' * 10}|")
+        for (name, dtype, L), d in summary.items():
+            b = f"{d['before']:.2f}" if "before" in d else "-"
+            print(f"| {name + ('' if dtype == 'f16' else ' ' + dtype):<22} | {L:>5} | {b:>8} | {d['after']:>8.2f} |")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,13 @@ Every GPU case: page size 16, a scrambled block table padded with other pages, k
 multiple of the page size, the whole cache filled with unrelated finite data (other pages, the
 table's padding, slots past kv_len), positions with gaps, some never-written slots (INT32_MAX)
 inside the sequence, outputs poisoned with NaN first; NMSE <= 5e-4 (f16 pages) / 1e-6 (f32).
+
+The decode is one launch whose split count follows kv_len on the device and whose partials
+are merged by the last block(s) to finish (ticket counters in scratch): test_split_geometry_*
+and test_combine_groups check the host mirrors of that arithmetic; test_fused_decode_graph_replay
+replays one captured decode over kv_len 1..1500 (one split written directly, one- and two-level
+combines), then 200 times at one length (a counter that drifted would leave poison), and
+checks the counters end at zero. The scratch handed to every decode starts as garbage.
 """
 from __future__ import annotations
 
@@ -43,6 +50,8 @@ def test_shared_memory_fits(kvb, d):
     assert 2 <= st <= 4
     for rmax in (4, 8):
         assert ao.decode_smem(kvb, d, d, rmax, st) <= ao.SMEM_LIMIT
+    if kvb == 2 and d % 16 == 0:
+        assert ao.decode_tc_smem(d, d, ao.decode_tc_stages(d, d)) <= ao.SMEM_LIMIT
     for br in ao.prefill_row_choices("fma", d):
         assert ao.prefill_smem(kvb, d, d, br // 16) <= ao.SMEM_LIMIT
     for br in ao.prefill_row_choices("tc", d):
@@ -56,6 +65,42 @@ def test_scratch_bytes():
     assert one >= ao.num_splits(8, 512) * 32 * 130 * 4
     assert ao.attention_scratch_bytes(1, 32, 128, 8192) >= one         # Hkv unknown: worst case
     assert ao.num_splits(8, 3) == 3                                     # never more splits than pages
+    assert one >= ao.COUNTER_BYTES + ao.num_splits(8, 512) * 32 * 130 * 4   # ticket counters first
+
+
+def test_combine_groups():
+    """The two-level combine's groups (attention.cu decode_combine): every split in one group,
+    no block merging more than ~sqrt(nsplit) + 1 partials, at most COMBINE_GMAX groups."""
+    for flat_max in (1, 2, 16, 4096):
+        for ns in range(1, ao.COMBINE_GMAX ** 2 + 1):
+            gs, ng = ao.combine_groups(ns, flat_max)
+            assert gs >= 1 and ng == -(-ns // gs) and (ng - 1) * gs < ns <= ng * gs
+            assert ng <= ao.COMBINE_GMAX
+            if ns <= flat_max:
+                assert ng == 1
+            else:
+                assert gs * gs >= ns and (gs - 1) ** 2 < ns and ng <= gs
+
+
+@pytest.mark.parametrize("page", [1, 16, 48, 64, 256])
+def test_split_geometry_covers_the_sequence(page):
+    """split_geometry (the kernels' and its Python mirror): the used splits tile the pages below
+    kv_len exactly, each split holds keys, short sequences use one split, the grid is never exceeded."""
+    for splits in (1, 3, 88, 264):
+        for split_keys in (1, 64, 256, 1000):
+            mu = ao.split_min_units(split_keys, page)
+            for L in (0, 1, 15, 16, 17, 63, 64, 65, 255, 256, 257, 300, 1000, 4097, 8192, 70000):
+                ns, ppb = ao.split_geometry(L, splits, mu, page)
+                np_used = -(-L // page)
+                assert 1 <= ns <= splits and ppb >= 1
+                if L == 0:
+                    assert ns == 1
+                    continue
+                assert (ns - 1) * ppb < np_used <= ns * ppb          # the last split holds keys
+                if L <= split_keys:
+                    assert ns == 1                                   # direct write, no partials
+                unit = ao.split_unit(page)
+                assert ppb % unit == 0 and (ppb * page >= split_keys or ns == 1 or ppb >= mu * unit)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
@@ -140,8 +185,9 @@ def run_gpu(cp, q, kc, vc, pc, bt, L, qpos, scale, window, softcap, **knobs):
     nb = ao.attention_scratch_bytes(n, H, dv, bt.shape[0] * PAGE, kc.shape[2], PAGE)
     if knobs.get("mode") == "decode":
         nb = max(nb, ao._partials_bytes(bt.shape[0], n * H, dv))
-    scratch = cp.empty(max(nb, 1), cp.uint8)
+    scratch = cp.full(max(nb, 1), 0xA5, cp.uint8)                     # garbage: planning zeroes the counters
     stream = cp.cuda.Stream(non_blocking=True)
+    cp.cuda.runtime.deviceSynchronize()
     step = ao.plan_attention(d["q"], d["kc"], d["vc"], d["pc"], d["bt"], kl, d["qpos"], out, scale, window,
                              softcap, stream, scratch, **knobs)
     cp.cuda.runtime.deviceSynchronize()            # the uploads and the poison ran on the null stream
@@ -164,7 +210,7 @@ def check(got, ref, dtype, what, family="?"):
 def family_of(n, H, hkv, dtype, knobs):
     mode = knobs.get("mode") or ("decode" if n * (H // hkv) <= ao.DECODE_MAX_ROWS else "prefill")
     if mode == "decode":
-        return "decode-" + (knobs.get("decode_kernel") or ("tc" if dtype == "f16" else "fma"))
+        return "decode-" + (knobs.get("decode_kernel") or ("tcb" if dtype == "f16" else "fma"))
     return "prefill-" + (knobs.get("prefill_kernel") or ("tc" if dtype == "f16" else "fma"))
 
 
@@ -199,8 +245,11 @@ def test_decode_and_prefill_kernels_agree(shape, dtype):
     scale = 0.125
     ref = reference(q, kc, vc, pc, bt, L, qpos, scale, 300, 0.0)
     knob_sets = [dict(mode="prefill")]
-    for kern in ("tc", "fma") if dtype == "f16" else ("fma",):
+    for kern in ("tc", "tcb", "fma") if dtype == "f16" else ("fma",):
         knob_sets += [dict(mode="decode", decode_kernel=kern, splits=s) for s in (1, None, 5, bt.shape[0])]
+        knob_sets += [dict(mode="decode", decode_kernel=kern, splits=s, split_keys=k, flat_max=f)  # fused combine
+                      for s, k, f in ((None, 64, None), (bt.shape[0], 1, None), (3, 64, None), (None, 4096, None),
+                                      (bt.shape[0], 1, 2), (bt.shape[0], 1, 4096))]   # 16, 16, 3, 1 used; 2 levels
     for knobs in knob_sets:
         got = run_gpu(cp, q, kc, vc, pc, bt, L, qpos, scale, 300, 0.0, **knobs)
         check(got, ref, dtype, f"{knobs} {shape} {dtype}", family_of(n, H, hkv, dtype, knobs))
@@ -270,9 +319,11 @@ def test_kv_store_matches_numpy(shape, dtype):
     assert np.array_equal(cp.asnumpy(d[6]), pr)
 
 
-@pytest.mark.parametrize("window,softcap", [(0, 0.0), (50, 30.0)])
-def test_cuda_graph_decode_replay(window, softcap):
-    """Capture kv_store + decode attention once; replay with kv_len growing 1 -> 300."""
+@pytest.mark.parametrize("window,softcap,split_keys", [(0, 0.0, None), (50, 30.0, None), (0, 0.0, 64)])
+def test_cuda_graph_decode_replay(window, softcap, split_keys):
+    """Capture kv_store + decode attention once; replay with kv_len growing 1 -> 300 (one split
+    written directly, then 2+ splits combined in the kernel: split_keys=64 crosses a split
+    boundary every 64 tokens)."""
     cp = _cupy()
     H, hkv, dk = 9, 3, 64
     rng = np.random.default_rng(window)
@@ -293,7 +344,8 @@ def test_cuda_graph_decode_replay(window, softcap):
     scratch = cp.empty(ao.attention_scratch_bytes(1, H, dk, max_pages * PAGE, hkv, PAGE), cp.uint8)
     stream = cp.cuda.Stream(non_blocking=True)
     steps = [ao.plan_kv_store(k_new, v_new, slot, pos, dkc, dvc, dpc, stream),
-             ao.plan_attention(q, dkc, dvc, dpc, dbt, kv_len, pos, out, 0.125, window, softcap, stream, scratch)]
+             ao.plan_attention(q, dkc, dvc, dpc, dbt, kv_len, pos, out, 0.125, window, softcap, stream, scratch,
+                               split_keys=split_keys)]
     for s in steps:                                 # load modules, set attributes before capturing
         s()
     stream.synchronize()
@@ -333,3 +385,116 @@ def test_cuda_graph_decode_replay(window, softcap):
     check(got, ref, "f16", "graph replay", "decode-graph")
     assert np.array_equal(cp.asnumpy(dpc), pc)
     print(f"graph replay 1..300: worst NMSE {worst:.3g}")
+
+
+class Reference:
+    """ops.attention on the NumPy backend over one layer's host pages, planned once, run per kv_len."""
+
+    def __init__(self, q, kc, vc, pc, bt, qpos, scale, window, softcap):
+        n, H, dk = q.shape
+        n_pages, page, hkv, _ = kc.shape
+        dv = vc.shape[3]
+        g = Graph("attn")
+        qt = g.input("q", q.shape)
+        btt = g.input("bt", bt.shape, "i32")
+        klt = g.input("kv_len", (1,), "i32")
+        qpt = g.input("q_pos", (n,), "i32")
+        kv = g.kv_layer(0, hkv, dk, dv)
+        g.output("out", ops.attention(qt, kv, btt, klt, qpt, scale, window, softcap))
+        self.be = NumpyBackend()
+        self.st = self.be.alloc_kv(KVCacheSpec(1, hkv, dk, dv, n_pages, page, "f16" if kc.dtype == np.float16 else "f32"))
+        self.st.k[0][...] = kc
+        self.st.v[0][...] = vc
+        self.st.pos[0][...] = pc
+        self.plan = self.be.plan(g)
+        self.inputs = {"q": q, "bt": bt, "q_pos": qpos}
+
+    def __call__(self, L, qpos=None):
+        inputs = dict(self.inputs, kv_len=np.array([L], np.int32))
+        if qpos is not None:
+            inputs["q_pos"] = qpos
+        return self.be.run(self.plan, inputs, self.st)["out"]
+
+
+FUSED_CASES = [  # (decode kernel, H, Hkv, dk, dtype, n, split_keys, flat_max, window, softcap)
+    ("tc", 9, 3, 64, "f16", 1, 64, 4096, 0, 0.0),       # one level only
+    ("tcb", 9, 3, 64, "f16", 1, 64, 4, 0, 0.0),         # two levels from 5 splits on
+    (None, 9, 3, 64, "f16", 1, None, None, 0, 0.0),     # the defaults
+    ("tc", 4, 1, 256, "f16", 1, 64, 3, 300, 30.0),
+    ("tcb", 4, 1, 256, "f16", 1, 64, None, 300, 30.0),
+    (None, 4, 1, 256, "f16", 1, None, None, 0, 0.0),
+    ("tc", 32, 8, 128, "f16", 2, 128, None, 0, 0.0),    # 8 query rows per kv head
+    ("tcb", 32, 8, 128, "f16", 2, 64, 2, 0, 0.0),
+    ("fma", 8, 8, 64, "f32", 1, 64, 3, 0, 0.0),
+    ("fma", 32, 8, 128, "f16", 1, 64, None, 0, 50.0),
+]
+
+
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "%s_H%d_Hkv%d_dk%d_%s_n%d_sk%s_fm%s" % c[:8])
+def test_fused_decode_graph_replay(case):
+    """One decode attention captured in a CUDA graph, replayed as kv_len grows 1 -> 300 and on
+    past several split boundaries to the whole table: one split writes the output itself, then
+    2, 3, ... splits are combined by the last block of each kv head. Then 200 replays in a row at
+    a many-split length give the same output every time: the output is poisoned before each
+    replay, so a ticket counter that drifted (a combine skipped) shows. The counters end at 0."""
+    cp = _cupy()
+    kern, H, hkv, dk, dtype, n, split_keys, flat_max, window, softcap = case
+    rng = np.random.default_rng(hkv * 1000 + dk + n)
+    Lmax = 1500
+    q, kc, vc, pc, bt, qpos = make_case(rng, n, H, hkv, dk, dtype, Lmax, dead_query=False)
+    ref = Reference(q, kc, vc, pc, bt, qpos, 0.1, window, softcap)
+    max_slots = bt.shape[0] * PAGE
+    d = {k: cp.asarray(v) for k, v in dict(q=q, kc=kc, vc=vc, pc=pc, bt=bt, qpos=qpos).items()}
+    kv_len = cp.zeros(1, cp.int32)
+    out = cp.full((n, H * dk), np.nan, cp.float32)
+    scratch = cp.full(ao.attention_scratch_bytes(n, H, dk, max_slots, hkv, PAGE), 0xFF, cp.uint8)  # garbage
+    stream = cp.cuda.Stream(non_blocking=True)
+    cp.cuda.runtime.deviceSynchronize()
+    step = ao.plan_attention(d["q"], d["kc"], d["vc"], d["pc"], d["bt"], kv_len, d["qpos"], out, 0.1, window,
+                             softcap, stream, scratch, decode_kernel=kern, split_keys=split_keys, flat_max=flat_max)
+    step()
+    stream.synchronize()
+    with stream:
+        stream.begin_capture()
+        step()
+        graph = stream.end_capture()
+
+    j = np.arange(Lmax)
+    key_pos = pc.reshape(-1)[bt[j // PAGE] * PAGE + j % PAGE]          # logical slot -> position
+
+    def qpos_at(L):                      # as in decoding: the newest token(s) of the sequence
+        live = key_pos[:L][key_pos[:L] != POS_EMPTY]
+        top = int(live.max()) if live.size else 0
+        return (top - (n - 1) + np.arange(n)).astype(np.int32)
+
+    def replay(L):
+        kv_len.set(np.array([L], np.int32), stream)
+        d["qpos"].set(qpos_at(L), stream)
+        with stream:
+            out.fill(np.nan)
+        graph.launch(stream)
+        stream.synchronize()
+        return cp.asnumpy(out)
+
+    kvb = kc.dtype.itemsize
+    kind = kern or ("tcb" if dtype == "f16" and ao.bulk_copies_ok(PAGE) else "tc" if dtype == "f16" else "fma")
+    grid = ao.default_splits(hkv, bt.shape[0], ao.decode_kernel_smem(kind, kvb, dk, dk, n * H // hkv)[1])
+    mu = ao.split_min_units(split_keys or ao.default_split_keys(hkv, n * H // hkv, dk, dk, kvb), PAGE)
+    lengths = list(range(1, 301)) + [319, 320, 321, 383, 384, 385, 511, 512, 513, 777, 1024, 1025, 1499, 1500, 1300, 5]
+    used, levels = set(), set()
+    for L in lengths:
+        got = replay(L)
+        ns = ao.split_geometry(L, grid, mu, PAGE)[0]
+        used.add(ns)
+        levels.add(1 if ns == 1 else 2 if ao.combine_groups(ns, flat_max or ao.DEFAULT_FLAT_MAX)[1] == 1 else 3)
+        check(got, ref(L, qpos_at(L)), dtype, f"{case} kv_len={L}", f"decode-fused-{kern}")
+    assert 1 in used and max(used) >= 3, used                      # direct and combined paths both ran
+    if flat_max is not None and flat_max < 8:
+        assert 3 in levels, (used, levels)                         # ... and the two-level combine
+    L = 1500
+    first = replay(L)
+    check(first, ref(L, qpos_at(L)), dtype, f"{case} kv_len={L}", f"decode-fused-{kern}")
+    for t in range(200):
+        assert np.array_equal(replay(L), first), f"replay {t}: output differs (counter drift?)"
+    cnt = cp.asnumpy(scratch[: 4 * hkv].view(cp.uint32))
+    assert (cnt == 0).all(), f"ticket counters not back to 0: {cnt}"

@@ -24,10 +24,15 @@
 //                        (splits, Hkv); a block streams 64-key tiles of a run of pages of one kv head
 //                        through a cp.async pipeline once for all its query rows (GQA); each warp
 //                        does 16 keys with mma.m16n8k16 (the rows are the n = 8 side), keeps its own
-//                        online softmax in f32, and the warps' states are merged into one partial
-//                        (max, sum, unnormalised acc) per split.
+//                        online softmax in f32, and the warps' states are merged at the end.
+//                        How many splits run follows kv_len on the device (split_geometry): one
+//                        split writes the output itself; several write partials (max, sum,
+//                        unnormalised acc) and the last block of each kv head to finish combines
+//                        them (decode_combine: ticket counters in scratch; two levels when many
+//                        splits ran). One launch per call.
+//   attn_decode_tcb      the same, its tiles staged by bulk copies (TMA, mbarrier completion;
+//                        Hopper) instead of cp.async: more bytes in flight per block.
 //   attn_decode_r4/_r8   the same with f32 FMAs (f32 pages; 4 / 8 rows), 32-key tiles.
-//   attn_decode_reduce   combines the partials of the splits that had work.
 //   attn_prefill_tc_w*   tiled flash attention on the tensor cores (f16 pages): 16 * w query rows
 //                        (query x head of one kv head) by 64 keys per tile, FlashAttention-2 style.
 //   attn_prefill_r1/2/4  the same with f32 FMAs (f32 pages), 16 * r rows.
@@ -124,6 +129,34 @@ __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_grou
 
 template <int N>
 __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory"); }
+
+// Hopper bulk copies (the TMA engine; 1-D, no tensor map): global -> shared, completion counted in
+// bytes on an mbarrier. Addresses 16-byte aligned, sizes multiples of 16. Unlike cp.async, the
+// bytes in flight are not bounded by the SM's load-tracking slots.
+__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_init_fence() {
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect(unsigned bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
+    asm volatile("{\n\t.reg .pred P1;\n"
+                 "LAB_WAIT:\n\t"
+                 "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n\t"
+                 "@P1 bra DONE;\n\t"
+                 "bra LAB_WAIT;\n"
+                 "DONE:\n\t}\n" :: "r"(bar), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void bulk_g2s(unsigned dst, const void* src, unsigned bytes, unsigned bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+                 :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+}
+__device__ __forceinline__ void fence_proxy_async_smem() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
 
 // one 8-element chunk global -> shared (16 or 32 bytes)
 __device__ __forceinline__ void copy_chunk(kv_t* dst, const kv_t* src) {
@@ -261,17 +294,157 @@ __device__ __forceinline__ void stage_tile(
     }
 }
 
-// Pages per decode split: the pages below kv_len shared evenly by `splits`, rounded up to whole
-// 64-key tiles (when pages divide 64) so no split streams a half-empty tile. The decode kernels
-// and the reduce compute it identically; splits past the end have no work.
+// Decode split geometry, from the device's kv_len (the grid stays `splits` blocks per kv head, so
+// a captured graph replays at any length). The pages below kv_len are cut into units of
+// SPLIT_KEYS keys (whole 64-key tiles when pages divide 64, else single pages); a split takes
+// at least `min_units` units and at most `splits` splits are used:
+//     units per split = max(min_units, ceil(n_units / splits)),  nsplit = ceil(n_units / that)
+// so short sequences run on few splits (one split: the block writes the output itself, no
+// partials, no combine) and long ones on all of them. Blocks with split >= nsplit return at
+// once. L == 0 gives nsplit = 1 with no keys: split 0 writes the zeros. The combine and
+// attention_ops.split_geometry compute the same numbers.
 constexpr int SPLIT_KEYS = 64;
-__device__ __forceinline__ int split_pages(int np_used, int splits) {
-    int ppb = (np_used + splits - 1) / splits;
-    if (PAGE < SPLIT_KEYS && SPLIT_KEYS % PAGE == 0) {
-        constexpr int q = SPLIT_KEYS / PAGE;
-        ppb = (ppb + q - 1) / q * q;
+constexpr int SPLIT_UNIT = (PAGE < SPLIT_KEYS && SPLIT_KEYS % PAGE == 0) ? SPLIT_KEYS / PAGE : 1;  // pages
+__device__ __forceinline__ void split_geometry(int L, int splits, int min_units, int& nsplit, int& ppb) {
+    const int np_used = (L + PAGE - 1) / PAGE;
+    const int n_units = (np_used + SPLIT_UNIT - 1) / SPLIT_UNIT;
+    const int ups = max(max(min_units, 1), (n_units + splits - 1) / splits);
+    nsplit = max(1, (n_units + ups - 1) / ups);
+    ppb = ups * SPLIT_UNIT;
+}
+
+// Flash-decoding's combine, fused into the decode kernels. Called by every thread of a block
+// once it has written its split's partial (m, l, acc) for the R query rows of kv head kvh:
+//   part_ml  (splits, Hkv, R, 2) f32 = (running max in log2 units, sum of 2^(s - max))
+//   part_acc (splits, Hkv, R, DV) f32, unnormalised.            R = n * G, row r = i * G + g.
+// Tickets: a block publishes its writes (bar.sync, then one thread's fence) and takes a ticket
+// from a counter; atomicInc wraps the counter back to 0 at the last ticket, so every counter is 0
+// again for the next launch (a replayed graph needs no reset; attention_ops zeroes them once, at
+// plan time). The block holding the last ticket has seen every other holder's fence.
+// Up to flat_max splits: one level, the last block of the kv head merges all partials into out.
+// More: two levels, so that no block reads more than ~sqrt(nsplit) partials (one block's loads
+// are what the combine waits on): the splits form groups of gs = ceil(sqrt(nsplit)); the last
+// block of each group merges the group into the partial slot of its first split, and the last
+// of those group mergers merges the group partials into out.
+//   counters: [Hkv] per kv head (level 2) | [Hkv][COMBINE_GMAX] per group (level 1, or the only one)
+// out[row] = sum_s w_s acc_s / sum_s w_s l_s,  w_s = 2^(m_s - max_s m_s)  (0 where all are -inf).
+// A merge reads every (m, l, acc) it needs in one pass (an online merge: a larger max rescales
+// what was summed so far), so all its loads are independent and in flight together; threads are
+// (float4 column, split group) and the split groups are merged through shared memory.
+// sm: shared memory of at least combine_floats() floats (attention_ops.combine_bytes mirrors it),
+// free to overwrite (every thread is past its last read of it when a ticket barrier passes).
+// Partials are read with ld.global.cg (L2): other SMs wrote them during this launch.
+constexpr int COMBINE_GMAX = 64;                // groups per kv head at most (splits <= 64 * 64)
+__device__ constexpr int combine_floats(int nt) { return 6 * nt + 16; }
+
+// Merge the partials in slots first, first + stride, ... (count of them) of kv head kvh: into
+// out (normalised) when `final`, else into slot `first` (unnormalised: a partial again).
+template <int NT>
+__device__ __forceinline__ void combine_slots(
+    float* __restrict__ part_ml, float* __restrict__ part_acc, float* __restrict__ out, float* __restrict__ sm,
+    int first, int count, int stride, bool final, int kvh, int Hkv, int R, int G, int H)
+{
+    constexpr int DV4 = DV / 4;
+    const int tid = threadIdx.x;
+    const size_t srow = (size_t)Hkv * R;                    // partial rows per split slot
+    const size_t row0 = (size_t)kvh * R;
+    const int C4 = R * DV4;                                 // float4 columns of this head's rows
+    const int nsg = C4 >= NT ? 1 : NT / C4;                 // split groups
+    const int cpp = NT / nsg;                               // columns per pass (>= C4 when nsg > 1)
+    const float2* ml2 = reinterpret_cast<const float2*>(part_ml);
+    const float4* acc4 = reinterpret_cast<const float4*>(part_acc);
+    float4* sa = reinterpret_cast<float4*>(sm);             // [NT] acc of each thread
+    float2* sml = reinterpret_cast<float2*>(sm + 4 * NT);   // [NT] (m, l) of each thread
+    float2* rml = reinterpret_cast<float2*>(sm + 6 * NT);   // [8] merged (m, l) per row (not final)
+    // (not final: acc column c of slot `first` is read and rewritten by the same thread; the
+    // row's (m, l) there is read by every thread of the row, so it is written after a barrier)
+    for (int c0 = 0; c0 < C4; c0 += cpp) {
+        const int c = c0 + tid % cpp, sg = tid / cpp;
+        const bool live = c < C4 && sg < nsg;
+        const int r = live ? c / DV4 : 0;
+        float M = ATTN_NEG_INF, l = 0.f;
+        float4 a = f4(0.f, 0.f, 0.f, 0.f);
+        if (live) {
+#pragma unroll 16
+            for (int i = sg; i < count; i += nsg) {
+                const size_t slot = (size_t)(first + i * stride);
+                const float2 ml = __ldcg(ml2 + slot * srow + row0 + r);
+                const float4 x = __ldcg(acc4 + (slot * srow + row0) * DV4 + c);
+                if (ml.x > M) {                             // new max: rescale the sum so far
+                    const float f = M == ATTN_NEG_INF ? 0.f : exp2f(M - ml.x);
+                    a.x *= f; a.y *= f; a.z *= f; a.w *= f; l *= f;
+                    M = ml.x;
+                }
+                const float w = ml.x == ATTN_NEG_INF ? 0.f : exp2f(ml.x - M);
+                a.x = fmaf(w, x.x, a.x); a.y = fmaf(w, x.y, a.y); a.z = fmaf(w, x.z, a.z); a.w = fmaf(w, x.w, a.w);
+                l = fmaf(w, ml.y, l);
+            }
+        }
+        if (nsg > 1) {                                      // merge the split groups (one pass only)
+            float2 t; t.x = M; t.y = l;
+            sa[tid] = a;
+            sml[tid] = t;
+            __syncthreads();
+            if (sg == 0 && live) {
+                for (int g2 = 1; g2 < nsg; ++g2) {
+                    const float2 o = sml[g2 * cpp + tid];
+                    if (o.x == ATTN_NEG_INF) continue;
+                    const float4 x = sa[g2 * cpp + tid];
+                    const float Mn = fmaxf(M, o.x);
+                    const float f = M == ATTN_NEG_INF ? 0.f : exp2f(M - Mn), w = exp2f(o.x - Mn);
+                    a.x = a.x * f + w * x.x; a.y = a.y * f + w * x.y; a.z = a.z * f + w * x.z; a.w = a.w * f + w * x.w;
+                    l = l * f + w * o.y;
+                    M = Mn;
+                }
+            }
+        }
+        if (sg == 0 && live) {
+            if (final) {
+                const float iv = l > 0.f ? 1.f / l : 0.f;
+                a.x *= iv; a.y *= iv; a.z *= iv; a.w *= iv;
+                reinterpret_cast<float4*>(out)[((size_t)(r / G) * H + kvh * G + r % G) * DV4 + c % DV4] = a;
+            } else {
+                if (c % DV4 == 0) { float2 t; t.x = M; t.y = l; rml[r] = t; }
+                reinterpret_cast<float4*>(part_acc)[((size_t)first * srow + row0) * DV4 + c] = a;
+            }
+        }
     }
-    return ppb;
+    if (final) return;
+    __syncthreads();                                        // every read of slot `first`'s (m, l) is done
+    if (tid < R) reinterpret_cast<float2*>(part_ml)[(size_t)first * srow + row0 + tid] = rml[tid];
+}
+
+// One ticket on `counter` for `holders` blocks; true (in every thread) for the last holder.
+__device__ __forceinline__ bool last_ticket(unsigned* counter, int holders) {
+    __syncthreads();                                        // every thread's partial stores are issued
+    unsigned ticket = 0;
+    if (threadIdx.x == 0) {
+        __threadfence();                                    // release (cumulative through bar.sync)
+        ticket = atomicInc(counter, (unsigned)(holders - 1));
+        if (ticket == (unsigned)(holders - 1)) __threadfence();   // acquire
+    }
+    return __syncthreads_or(threadIdx.x == 0 && ticket == (unsigned)(holders - 1));
+}
+
+template <int NT>
+__device__ __forceinline__ void decode_combine(
+    float* __restrict__ part_ml, float* __restrict__ part_acc, unsigned* __restrict__ counters,
+    float* __restrict__ out, float* __restrict__ sm, int nsplit, int split, int flat_max, int kvh, int Hkv,
+    int R, int G, int H)
+{
+    int gs = nsplit;                                        // splits per group
+    if (nsplit > flat_max) {
+        gs = 1;
+        while (gs * gs < nsplit) ++gs;                      // ceil(sqrt(nsplit))
+        while ((nsplit + gs - 1) / gs > COMBINE_GMAX) ++gs;
+    }
+    const int ngroups = (nsplit + gs - 1) / gs, group = split / gs;
+    const int gsize = min(gs, nsplit - group * gs);
+    if (!last_ticket(counters + Hkv + kvh * COMBINE_GMAX + group, gsize)) return;
+    combine_slots<NT>(part_ml, part_acc, out, sm, group * gs, gsize, 1, ngroups == 1, kvh, Hkv, R, G, H);
+    if (ngroups == 1) return;
+    if (!last_ticket(counters + kvh, ngroups)) return;
+    combine_slots<NT>(part_ml, part_acc, out, sm, 0, ngroups, gs, true, kvh, Hkv, R, G, H);
 }
 
 // =============================================================================================
@@ -291,16 +464,17 @@ static_assert(DEC_NS >= 2, "at least two stages");
 // Shared memory (bytes), in this order -- attention_ops._decode_smem mirrors it:
 //   kbuf [NS][T][KSTR] kv_t | vbuf [NS][T][VSTR] kv_t | pbuf [NS][T] i32 |
 //   qs [RMAX][DK] f32 | S [RMAX][T] f32 | al [RMAX] f32 | qp [RMAX] i32
-// and, after the last tile, red [KG][RMAX][DV] f32 over the start of it (size = max of both).
+// and, after the last tile, red [KG][RMAX][DV] f32 | rinv [RMAX] over the start of it, then
+// (combine) combine_floats(splits) floats; the size is the max of the three.
 //
-// Partials (scratch): ml (splits, Hkv, R, 2) f32 = (running max in log2 units, sum);
-//                     acc (splits, Hkv, R, DV) f32, unnormalised.  R = n * G, row r = i * G + g.
+// Partials (scratch, when more than one split runs): see decode_combine.
 template <int RMAX>
 __device__ __forceinline__ void decode_impl(
     const float* __restrict__ q, const kv_t* __restrict__ kc, const kv_t* __restrict__ vc,
     const int* __restrict__ pc, const int* __restrict__ bt, const int* __restrict__ kv_len,
     const int* __restrict__ q_pos, float* __restrict__ part_ml, float* __restrict__ part_acc,
-    int n, int H, int Hkv, int n_pages, int max_pages, int splits,
+    unsigned* __restrict__ counters, float* __restrict__ out,
+    int n, int H, int Hkv, int n_pages, int max_pages, int splits, int min_units, int flat_max,
     float qscale, float cap2, int window)
 {
     static_assert(RMAX % DEC_RG == 0, "rows per block");
@@ -311,13 +485,12 @@ __device__ __forceinline__ void decode_impl(
     const int split = blockIdx.x, kvh = blockIdx.y;
     const int G = H / Hkv, R = n * G;
     const int L = seq_len(kv_len, max_pages);
-    const int np_used = (L + PAGE - 1) / PAGE;
-    const int ppb = split_pages(np_used, splits);        // pages per split (0 when L == 0)
-    const int p0 = split * ppb;
-    if (p0 >= np_used) return;                           // nothing here: the reduce skips this split
-    const int key0 = p0 * PAGE;
-    const int key_end = min(L, (p0 + ppb) * PAGE);
-    const int n_tiles = (key_end - key0 + DEC_T - 1) / DEC_T;
+    int nsplit, ppb;
+    split_geometry(L, splits, min_units, nsplit, ppb);
+    if (split >= nsplit) return;                         // no keys here
+    const int key0 = split * ppb * PAGE;
+    const int key_end = min(L, key0 + ppb * PAGE);
+    const int n_tiles = key_end > key0 ? (key_end - key0 + DEC_T - 1) / DEC_T : 0;
 
     kv_t* kbuf = reinterpret_cast<kv_t*>(smem);
     kv_t* vbuf = kbuf + DEC_NS * DEC_T * KSTR;
@@ -439,10 +612,13 @@ __device__ __forceinline__ void decode_impl(
         }
     }
 
-    // epilogue: sum the key groups' accumulators through shared memory, write the partials
+    // epilogue: sum the key groups' accumulators through shared memory; one split: normalise and
+    // write the output; else write this split's partial and combine (the last block of the head)
     cp_wait<0>();
     __syncthreads();
     float* red = reinterpret_cast<float*>(smem);          // [KG][RMAX][DV]
+    float* rinv = red + DEC_KG * RMAX * DV;               // [RMAX]: 1 / l (one split)
+    const bool direct = nsplit == 1;
     if (kg < DEC_KG) {
 #pragma unroll
         for (int r = 0; r < RMAX; ++r) {
@@ -456,7 +632,8 @@ __device__ __forceinline__ void decode_impl(
 #pragma unroll
         for (int i = 0; i < RPT; ++i) {
             const int r = warp + DEC_RG * i;
-            if (r < R) {
+            rinv[r] = l_run[i] > 0.f ? 1.f / l_run[i] : 0.f;
+            if (!direct && r < R) {
                 part_ml[(pbase + r) * 2] = m_run[i];
                 part_ml[(pbase + r) * 2 + 1] = l_run[i];
             }
@@ -468,116 +645,29 @@ __device__ __forceinline__ void decode_impl(
         float x = 0.f;
 #pragma unroll
         for (int g = 0; g < DEC_KG; ++g) x += red[(g * RMAX + r) * DV + d];
-        part_acc[(pbase + r) * DV + d] = x;
+        if (direct) out[((size_t)(r / G) * H + kvh * G + r % G) * DV + d] = x * rinv[r];
+        else part_acc[(pbase + r) * DV + d] = x;
     }
+    if (!direct)
+        decode_combine<DEC_NT>(part_ml, part_acc, counters, out, reinterpret_cast<float*>(smem), nsplit, split,
+                               flat_max, kvh, Hkv, R, G, H);
 }
 
 #define ATTN_DECODE_ARGS                                                                           \
     const float* __restrict__ q, const kv_t* __restrict__ kc, const kv_t* __restrict__ vc,         \
     const int* __restrict__ pc, const int* __restrict__ bt, const int* __restrict__ kv_len,        \
     const int* __restrict__ q_pos, float* __restrict__ part_ml, float* __restrict__ part_acc,      \
-    int n, int H, int Hkv, int n_pages, int max_pages, int splits, float qscale, float cap2, int window
-#define ATTN_DECODE_PASS q, kc, vc, pc, bt, kv_len, q_pos, part_ml, part_acc, n, H, Hkv, n_pages, \
-    max_pages, splits, qscale, cap2, window
+    unsigned* __restrict__ counters, float* __restrict__ out,                                      \
+    int n, int H, int Hkv, int n_pages, int max_pages, int splits, int min_units, int flat_max,    \
+    float qscale, float cap2, int window
+#define ATTN_DECODE_PASS q, kc, vc, pc, bt, kv_len, q_pos, part_ml, part_acc, counters, out, n, H, Hkv, \
+    n_pages, max_pages, splits, min_units, flat_max, qscale, cap2, window
 
-extern "C" __global__ void __launch_bounds__(DEC_NT) attn_decode_r4(ATTN_DECODE_ARGS) {
+extern "C" __global__ void __launch_bounds__(DEC_NT, 2) attn_decode_r4(ATTN_DECODE_ARGS) {
     decode_impl<4>(ATTN_DECODE_PASS);
 }
-extern "C" __global__ void __launch_bounds__(DEC_NT) attn_decode_r8(ATTN_DECODE_ARGS) {
+extern "C" __global__ void __launch_bounds__(DEC_NT, 2) attn_decode_r8(ATTN_DECODE_ARGS) {
     decode_impl<8>(ATTN_DECODE_PASS);
-}
-
-// block-wide reductions; `tmp` holds one float per warp
-template <int NWARP>
-__device__ __forceinline__ float block_max(float x, float* tmp) {
-    x = warp_max(x);
-    if ((threadIdx.x & 31) == 0) tmp[threadIdx.x >> 5] = x;
-    __syncthreads();
-    x = tmp[0];
-#pragma unroll
-    for (int w = 1; w < NWARP; ++w) x = fmaxf(x, tmp[w]);
-    __syncthreads();
-    return x;
-}
-
-template <int NWARP>
-__device__ __forceinline__ float block_sum(float x, float* tmp) {
-    x = warp_sum(x);
-    if ((threadIdx.x & 31) == 0) tmp[threadIdx.x >> 5] = x;
-    __syncthreads();
-    x = tmp[0];
-#pragma unroll
-    for (int w = 1; w < NWARP; ++w) x += tmp[w];
-    __syncthreads();
-    return x;
-}
-
-// Combine the splits' partials: grid (n * H, DV / (4 * RED_CPB)), RED_NT threads, dynamic shared
-// memory splits * 4 bytes. Each block owns RED_CPB float4 columns of one output row; its threads
-// are (column, split group) so the partials are read with many loads in flight (the splits of
-// one row are few rows of work but many dependent reads if one thread walked them).
-// out[i, h*DV + d] = sum_s w_s acc_s[d] / sum_s w_s l_s, w_s = 2^(m_s - max m); zeros if nothing visible.
-constexpr int RED_NT = 256;
-constexpr int RED_DC = DV / 4;                                   // float4 columns of a row
-constexpr int RED_CPB = RED_DC % 8 == 0 ? 8 : (RED_DC % 4 == 0 ? 4 : (RED_DC % 2 == 0 ? 2 : 1));
-constexpr int RED_SG = RED_NT / RED_CPB;                         // split groups
-extern "C" __global__ void __launch_bounds__(RED_NT) attn_decode_reduce(
-    const float* __restrict__ part_ml, const float* __restrict__ part_acc,
-    const int* __restrict__ kv_len, float* __restrict__ out,
-    int n, int H, int Hkv, int max_pages, int splits)
-{
-    extern __shared__ float wsplit[];
-    __shared__ float tmp[RED_NT / 32];
-    __shared__ float4 red[RED_SG][RED_CPB];
-    const int tid = threadIdx.x;
-    const int row = blockIdx.x;                      // i * H + h
-    const int i = row / H, h = row % H;
-    const int G = H / Hkv, kvh = h / G, R = n * G;
-    const int r = i * G + h % G;
-    const int L = seq_len(kv_len, max_pages);
-    const int np_used = (L + PAGE - 1) / PAGE;
-    const int ppb = split_pages(np_used, splits);
-    const int active = ppb > 0 ? (np_used + ppb - 1) / ppb : 0;
-
-    float mx = ATTN_NEG_INF;
-    for (int s = tid; s < active; s += RED_NT)
-        mx = fmaxf(mx, part_ml[(((size_t)s * Hkv + kvh) * R + r) * 2]);
-    mx = block_max<RED_NT / 32>(mx, tmp);
-    float lsum = 0.f;
-    for (int s = tid; s < active; s += RED_NT) {
-        const size_t b = (((size_t)s * Hkv + kvh) * R + r) * 2;
-        const float m = part_ml[b];
-        const float w = m == ATTN_NEG_INF ? 0.f : exp2f(m - mx);
-        wsplit[s] = w;
-        lsum += w * part_ml[b + 1];
-    }
-    lsum = block_sum<RED_NT / 32>(lsum, tmp);        // (its barrier publishes wsplit)
-    const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
-
-    const int c = tid % RED_CPB, sg = tid / RED_CPB;
-    const int col = blockIdx.y * RED_CPB + c;        // float4 column
-    float4 a = f4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 4
-    for (int s = sg; s < active; s += RED_SG) {
-        const float w = wsplit[s];
-        const float4 x = reinterpret_cast<const float4*>(part_acc + (((size_t)s * Hkv + kvh) * R + r) * DV)[col];
-        a.x = fmaf(w, x.x, a.x); a.y = fmaf(w, x.y, a.y); a.z = fmaf(w, x.z, a.z); a.w = fmaf(w, x.w, a.w);
-    }
-    red[sg][c] = a;
-    __syncthreads();
-#pragma unroll
-    for (int half = RED_SG / 2; half > 0; half >>= 1) {          // tree over the split groups
-        if (sg < half) {
-            const float4 x = red[sg + half][c];
-            a.x += x.x; a.y += x.y; a.z += x.z; a.w += x.w;
-            red[sg][c] = a;
-        }
-        __syncthreads();
-    }
-    if (sg == 0) {
-        a.x *= inv; a.y *= inv; a.z *= inv; a.w *= inv;
-        reinterpret_cast<float4*>(out + (size_t)i * H * DV + (size_t)h * DV)[col] = a;
-    }
 }
 
 // =============================================================================================
@@ -1036,7 +1126,8 @@ extern "C" __global__ void __launch_bounds__(128) attn_prefill_tc_w4(ATTN_PREFIL
 // per warp to become the B operand of P.V.
 // Shared memory (bytes) -- attention_ops.decode_tc_smem mirrors it:
 //   Qs [8][KSTR] f16 | NS x { K [64][KSTR] f16, V [64][VSTR] f16, pos [64] i32 } | Pw [4][8][24] f16 |
-//   qp [8] i32;  after the last tile over the stages: wm [4][8], wl [4][8], wacc [4][8][DV] f32.
+//   qp [8] i32;  after the last tile over the stages: wm [4][8], wl [4][8], wacc [4][8][DV], rsc [8]
+//   f32, then (combine) combine_floats(splits) floats.
 // =============================================================================================
 constexpr int DTC_NS = ATTN_DEC_TC_STAGES;
 constexpr int DTC_T = 64;                     // keys per block tile
@@ -1045,7 +1136,16 @@ constexpr int DTC_PSTR = 24;                  // P row stride (halves)
 constexpr int DTC_STG = DTC_T * (KSTR + VSTR) + DTC_T * 2;      // stage size in halves (pos = 2 each)
 static_assert(DTC_NS >= 2, "at least two stages");
 
-extern "C" __global__ void __launch_bounds__(128) attn_decode_tc(ATTN_DECODE_ARGS)
+// Bulk copies need whole 16-byte position runs: a page holds a multiple of 4 slots, and a 64-key
+// tile is whole pages or a part of one page.
+constexpr bool DTC_BULK_OK = PAGE % 4 == 0 && (DTC_T % PAGE == 0 || PAGE % DTC_T == 0);
+constexpr int DTC_PCH = PAGE < DTC_T ? PAGE : DTC_T;          // keys per position run
+constexpr int DTC_NPCH = DTC_T / DTC_PCH;                     // position runs per tile
+
+// BULK: stage the tiles with bulk copies (one per K row, V row and position run, each thread
+// issuing at most two, counted on one mbarrier per stage) instead of 16-byte cp.async.
+template <bool BULK>
+__device__ __forceinline__ void decode_tc_impl(ATTN_DECODE_ARGS)
 {
     static_assert(DK % 16 == 0 && DV % 16 == 0, "tensor-core decode needs head dims % 16 == 0");
     constexpr int NKS = DK / 16, NMT = DV / 16;
@@ -1054,18 +1154,18 @@ extern "C" __global__ void __launch_bounds__(128) attn_decode_tc(ATTN_DECODE_ARG
     kv_t* stg = Qs + DTC_R * KSTR;
     kv_t* Pw_all = stg + DTC_NS * DTC_STG;
     int* qp = reinterpret_cast<int*>(Pw_all + 4 * DTC_R * DTC_PSTR);
+    const unsigned bars = smem_u32(qp + DTC_R);                // BULK: [NS] mbarriers (8 bytes each)
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
     const int split = blockIdx.x, kvh = blockIdx.y;
     const int G = H / Hkv, R = n * G;
     const int L = seq_len(kv_len, max_pages);
-    const int np_used = (L + PAGE - 1) / PAGE;
-    const int ppb = split_pages(np_used, splits);
-    const int p0 = split * ppb;
-    if (p0 >= np_used) return;
-    const int key0 = p0 * PAGE;
-    const int key_end = min(L, (p0 + ppb) * PAGE);
-    const int n_tiles = (key_end - key0 + DTC_T - 1) / DTC_T;
+    int nsplit, ppb;
+    split_geometry(L, splits, min_units, nsplit, ppb);
+    if (split >= nsplit) return;                 // no keys here
+    const int key0 = split * ppb * PAGE;
+    const int key_end = min(L, key0 + ppb * PAGE);
+    const int n_tiles = key_end > key0 ? (key_end - key0 + DTC_T - 1) / DTC_T : 0;
 
     const size_t kstride = (size_t)Hkv * DK, vstride = (size_t)Hkv * DV;
     const kv_t* kh = kc + (size_t)kvh * DK;
@@ -1073,13 +1173,47 @@ extern "C" __global__ void __launch_bounds__(128) attn_decode_tc(ATTN_DECODE_ARG
     auto issue = [&](int tile) {
         kv_t* kb = stg + (tile % DTC_NS) * DTC_STG;
         kv_t* vb = kb + DTC_T * KSTR;
-        stage_tile<DTC_T, 128>(kb, vb, reinterpret_cast<int*>(vb + DTC_T * VSTR), key0 + tile * DTC_T, key_end,
-                               kh, vh, pc, bt, n_pages, kstride, vstride);
+        int* pbuf = reinterpret_cast<int*>(vb + DTC_T * VSTR);
+        const int kbase = key0 + tile * DTC_T;
+        if constexpr (BULK) {
+            // thread t < 64: K row of key t (and position run t); t >= 64: V row of key t - 64
+            const unsigned bar = bars + (tile % DTC_NS) * 8;
+            const int t = tid & (DTC_T - 1);
+            const bool isv = tid >= DTC_T;
+            const int slot = slot_of(kbase + t, key_end, bt, n_pages);
+            int pslot = -1;
+            if (tid < DTC_NPCH) pslot = slot_of(kbase + tid * DTC_PCH, key_end, bt, n_pages);
+            const unsigned rb = isv ? DV * 2 : DK * 2;
+            mbar_arrive_expect(bar, (slot >= 0 ? rb : 0u) + (pslot >= 0 ? DTC_PCH * 4u : 0u));
+            kv_t* dst = isv ? vb + t * VSTR : kb + t * KSTR;
+            if (slot >= 0) {
+                const kv_t* src = isv ? vh + (size_t)slot * vstride : kh + (size_t)slot * kstride;
+                bulk_g2s(smem_u32(dst), src, rb, bar);
+            } else {
+                const int nch = isv ? VCH : KCH;
+                for (int c = 0; c < nch; ++c) zero_chunk(dst + c * 8);
+            }
+            if (pslot >= 0) {
+                bulk_g2s(smem_u32(pbuf + tid * DTC_PCH), pc + pslot, DTC_PCH * 4, bar);
+            } else if (tid < DTC_NPCH) {
+                for (int k = 0; k < DTC_PCH; ++k) pbuf[tid * DTC_PCH + k] = ATTN_INT_MAX;
+            }
+            fence_proxy_async_smem();            // these generic stores before later bulk writes here
+        } else {
+            stage_tile<DTC_T, 128>(kb, vb, pbuf, kbase, key_end, kh, vh, pc, bt, n_pages, kstride, vstride);
+        }
     };
+    if constexpr (BULK) {
+        if (tid == 0) {
+            for (int s = 0; s < DTC_NS; ++s) mbar_init(bars + s * 8, 128);
+            mbar_init_fence();
+        }
+        __syncthreads();
+    }
 #pragma unroll
     for (int s = 0; s < DTC_NS - 1; ++s) {
         if (s < n_tiles) issue(s);
-        cp_commit();
+        if constexpr (!BULK) cp_commit();
     }
     for (int idx = tid; idx < DTC_R * (DK / 4); idx += 128) {          // q rows -> f16, pre-scaled
         const int r = idx / (DK / 4), c4 = idx % (DK / 4);
@@ -1114,11 +1248,13 @@ extern "C" __global__ void __launch_bounds__(128) attn_decode_tc(ATTN_DECODE_ARG
     const int kl0 = warp * 16 + g, kl1 = kl0 + 8;      // this lane's keys within a tile
 
     for (int tt = 0; tt < n_tiles; ++tt) {
-        cp_wait<DTC_NS - 2>();
+        if constexpr (BULK) mbar_wait(bars + (tt % DTC_NS) * 8, (tt / DTC_NS) & 1);
+        else cp_wait<DTC_NS - 2>();
         __syncthreads();                        // tile tt is in; tile tt-1's buffer is free
         if (tt + DTC_NS - 1 < n_tiles) issue(tt + DTC_NS - 1);
-        cp_commit();
+        if constexpr (!BULK) cp_commit();
         const int buf = tt % DTC_NS;
+        const int nvalid = key_end - (key0 + tt * DTC_T);        // keys of this tile below the end
         const unsigned sb = stg_u + buf * DTC_STG * 2;
         const int* pb = reinterpret_cast<const int*>(stg + buf * DTC_STG + DTC_T * (KSTR + VSTR));
 
@@ -1134,7 +1270,8 @@ extern "C" __global__ void __launch_bounds__(128) attn_decode_tc(ATTN_DECODE_ARG
                 mma16816(sb2, a2, qf[ks + 1][0], qf[ks + 1][1]);
             }
         }
-        const int kp0 = pb[kl0], kp1 = pb[kl1];
+        // (bulk position runs may carry slots past the end: masked by nvalid)
+        const int kp0 = kl0 < nvalid ? pb[kl0] : ATTN_INT_MAX, kp1 = kl1 < nvalid ? pb[kl1] : ATTN_INT_MAX;
         const float s0 = (ok0 && visible(kp0, qp0, window)) ? logit(sa[0] + sb2[0], cap2) : ATTN_NEG_INF;
         const float s1 = (ok1 && visible(kp0, qp1, window)) ? logit(sa[1] + sb2[1], cap2) : ATTN_NEG_INF;
         const float s2 = (ok0 && visible(kp1, qp0, window)) ? logit(sa[2] + sb2[2], cap2) : ATTN_NEG_INF;
@@ -1183,12 +1320,14 @@ extern "C" __global__ void __launch_bounds__(128) attn_decode_tc(ATTN_DECODE_ARG
         }
     }
 
-    // merge the 4 warps' (m, l, acc) per row and write this split's partial
-    cp_wait<0>();
+    // merge the 4 warps' (m, l, acc) per row; one split: normalise and write the output, else
+    // write this split's partial and combine (the last block of this kv head)
+    if constexpr (!BULK) cp_wait<0>();      // (bulk: every issued tile was waited for)
     __syncthreads();
-    float* wm = reinterpret_cast<float*>(stg);            // [4][8]
-    float* wl = wm + 4 * DTC_R;                           // [4][8]
+    float* wm = reinterpret_cast<float*>(stg);            // [4][8]  max per warp and row
+    float* wl = wm + 4 * DTC_R;                           // [4][8]  sum; then the warp's weight
     float* wacc = wl + 4 * DTC_R;                         // [4][8][DV]
+    float* rsc = wacc + 4 * DTC_R * DV;                   // [8]  1 / l (one split)
     if (g == 0) {
         wm[warp * DTC_R + r0] = m0; wm[warp * DTC_R + r1] = m1;
         wl[warp * DTC_R + r0] = l0; wl[warp * DTC_R + r1] = l1;
@@ -1201,32 +1340,57 @@ extern "C" __global__ void __launch_bounds__(128) attn_decode_tc(ATTN_DECODE_ARG
         wacc[(warp * DTC_R + r1) * DV + mt * 16 + g + 8] = o[mt][3];
     }
     __syncthreads();
+    const bool direct = nsplit == 1;
     const size_t pbase = ((size_t)split * Hkv + kvh) * R;
-    for (int idx = tid; idx < R * DV; idx += 128) {
-        const int r = idx / DV, d = idx % DV;
-        float M = wm[r];
-#pragma unroll
-        for (int w = 1; w < 4; ++w) M = fmaxf(M, wm[w * DTC_R + r]);
-        float x = 0.f;
-#pragma unroll
-        for (int w = 0; w < 4; ++w) {
-            const float mw = wm[w * DTC_R + r];
-            x += (mw == ATTN_NEG_INF ? 0.f : exp2f(mw - M)) * wacc[(w * DTC_R + r) * DV + d];
-        }
-        part_acc[(pbase + r) * DV + d] = x;
-    }
-    if (tid < R) {
+    if (tid < DTC_R) {
         float M = wm[tid];
 #pragma unroll
         for (int w = 1; w < 4; ++w) M = fmaxf(M, wm[w * DTC_R + tid]);
-        float l = 0.f;
+        float l = 0.f, sw[4];
 #pragma unroll
         for (int w = 0; w < 4; ++w) {
             const float mw = wm[w * DTC_R + tid];
-            l += (mw == ATTN_NEG_INF ? 0.f : exp2f(mw - M)) * wl[w * DTC_R + tid];
+            sw[w] = mw == ATTN_NEG_INF ? 0.f : exp2f(mw - M);
+            l = fmaf(sw[w], wl[w * DTC_R + tid], l);
         }
-        part_ml[(pbase + tid) * 2] = M;
-        part_ml[(pbase + tid) * 2 + 1] = l;
+#pragma unroll
+        for (int w = 0; w < 4; ++w) wl[w * DTC_R + tid] = sw[w];
+        rsc[tid] = l > 0.f ? 1.f / l : 0.f;
+        if (!direct && tid < R) {
+            part_ml[(pbase + tid) * 2] = M;
+            part_ml[(pbase + tid) * 2 + 1] = l;
+        }
     }
+    __syncthreads();
+    constexpr int DV4 = DV / 4;
+    for (int idx = tid; idx < R * DV4; idx += 128) {
+        const int r = idx / DV4, d4 = idx % DV4;
+        float4 x = f4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+            const float sw = wl[w * DTC_R + r];
+            const float4 a = reinterpret_cast<const float4*>(wacc + (w * DTC_R + r) * DV)[d4];
+            x.x = fmaf(sw, a.x, x.x); x.y = fmaf(sw, a.y, x.y); x.z = fmaf(sw, a.z, x.z); x.w = fmaf(sw, a.w, x.w);
+        }
+        if (direct) {
+            const float iv = rsc[r];
+            x.x *= iv; x.y *= iv; x.z *= iv; x.w *= iv;
+            reinterpret_cast<float4*>(out)[((size_t)(r / G) * H + kvh * G + r % G) * DV4 + d4] = x;
+        } else {
+            reinterpret_cast<float4*>(part_acc)[(pbase + r) * DV4 + d4] = x;
+        }
+    }
+    if (!direct)
+        decode_combine<128>(part_ml, part_acc, counters, out, reinterpret_cast<float*>(stg), nsplit, split,
+                            flat_max, kvh, Hkv, R, G, H);
 }
+
+extern "C" __global__ void __launch_bounds__(128, 2) attn_decode_tc(ATTN_DECODE_ARGS) {
+    decode_tc_impl<false>(ATTN_DECODE_PASS);
+}
+#if __CUDA_ARCH__ >= 900 || !defined(__CUDA_ARCH__)
+extern "C" __global__ void __launch_bounds__(128, 2) attn_decode_tcb(ATTN_DECODE_ARGS) {
+    if constexpr (DTC_BULK_OK) decode_tc_impl<true>(ATTN_DECODE_PASS);
+}
+#endif
 #endif  // ATTN_KV_F16

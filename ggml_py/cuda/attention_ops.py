@@ -20,15 +20,24 @@ API (DESIGN.md in this folder), each op twice, as in ``elementwise_ops``:
 - ``kv_store(...)`` / ``attention(...)``: plan (cached by arguments) and launch at once.
 - ``attention_scratch_bytes(n, H, dv, max_kv, n_kv_heads=None, page_size=16)``: the scratch the
   decode path needs (0 for prefill-sized ``n``); hand a device buffer of at least that many
-  bytes to ``attention`` as ``scratch``.
+  bytes to ``attention`` as ``scratch``. Its first ``COUNTER_BYTES`` hold the decode's ticket
+  counters: planning a decode zeroes them (one async memset on the plan's stream) and every
+  launch leaves them zero again, so one scratch buffer can serve every attention call of a
+  model, eager or replayed from a CUDA graph -- as long as nothing else writes that region.
 
 Two kernel families (attention.cu says how each works):
 
-- decode (``n * H/Hkv <= 8`` query rows per kv head): flash-decoding, grid ``(splits, Hkv)`` +
-  a reduce kernel. ``splits`` is fixed at plan time (about two blocks per SM); each launch
-  divides the pages below ``kv_len`` evenly among the splits (whole 64-key tiles), so the split
-  length follows the sequence while the grid stays the same. On the tensor cores for f16 pages
-  (the query rows are the n = 8 side of mma.m16n8k16), with f32 FMAs for f32 pages.
+- decode (``n * H/Hkv <= 8`` query rows per kv head): flash-decoding in ONE launch, grid
+  ``(splits, Hkv)``. ``splits`` (the grid) is fixed at plan time: one wave of blocks (two per
+  SM, one for d = 256); how many of them work follows ``kv_len`` on the device
+  (``split_geometry``): a split takes at least ``split_keys`` keys (whole 64-key tiles), so a
+  short sequence runs on one block per kv head that writes the output directly, a long one on
+  every split. The partials are merged in the same launch by the last block to finish (a
+  ticket counter in scratch): in one level up to ``flat_max`` splits, else in two (groups of
+  ~sqrt(splits), then the groups), so no block merges more than ~sqrt(splits) partials. No
+  reduce kernel. On the tensor cores for f16 pages (the query rows are the n = 8 side of
+  mma.m16n8k16), the tiles staged by bulk copies (TMA, "tcb", Hopper) or cp.async ("tc"); with
+  f32 FMAs for f32 pages.
 - prefill (everything else): tiled flash attention, 16/32/64 query rows x 64 keys per tile,
   on the tensor cores (mma.sync, f16 operands, f32 accumulation) for f16 pages, with f32 FMAs
   for f32 pages.
@@ -38,6 +47,7 @@ options)``; head dims must be multiples of 8.
 """
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from functools import partial
 from typing import Any, Callable
@@ -52,7 +62,9 @@ LOG2E = 1.4426950408889634
 DEC_NT, DEC_T = 128, 32               # decode (FMA): threads, keys per tile
 DTC_T, DTC_R = 64, 8                  # decode (tensor cores): keys per block tile, query rows
 SPLIT_KEYS = 64                       # decode splits are whole multiples of this many keys
-RED_NT = 256                          # reduce threads
+COUNTER_BYTES = 65536                 # decode ticket counters at the start of scratch (u32, see _counter_words)
+COMBINE_GMAX = 64                     # attention.cu: combine groups per kv head at most
+DEFAULT_FLAT_MAX = 16                 # decode partials merged in one level up to this many splits, else two
 DECODE_MAX_ROWS = 8                   # n * G above this -> prefill kernel
 PF_NT, PF_BC = 128, 64                # prefill: threads, keys per tile
 SMEM_LIMIT = 227 * 1024               # Hopper's largest dynamic shared memory per block
@@ -93,22 +105,39 @@ def decode_stages(kvb: int, dk: int, dv: int) -> int:
 
 
 def decode_tc_stages(dk: int, dv: int) -> int:
+    """Pipeline depth of the tensor-core decode: 2..4 tiles of 64 keys within ~110 KB (two blocks
+    per SM); when fewer than 3 fit there (d = 256), as many (up to 3) as one block per SM holds:
+    the block is alone on its SM anyway, and deeper is more bytes in flight."""
     kstr, vstr = _strides(2, dk, dv)
     stage = DTC_T * (kstr + vstr) * 2 + DTC_T * 4
-    return max(2, min(4, _DEC_TC_STAGE_BUDGET // stage))
+    st = _DEC_TC_STAGE_BUDGET // stage
+    if st < 3:
+        st = max(st, min(3, (SMEM_LIMIT - _decode_tc_fixed(kstr) - 64) // stage))
+    return max(2, min(4, st))
+
+
+def _decode_tc_fixed(kstr: int) -> int:
+    """Bytes of the tensor-core decode's shared memory outside the stages: Qs, Pw, qp, mbarriers."""
+    return DTC_R * kstr * 2 + 4 * DTC_R * 24 * 2 + DTC_R * 4 + 4 * 8
+
+
+def combine_bytes(nt: int = DEC_NT) -> int:
+    """Shared memory of the fused combine (attention.cu combine_floats): a float4 and a float2 per
+    thread, 8 (m, l) pairs."""
+    return (6 * nt + 16) * 4
+
+
+def _counter_words(hkv: int) -> int:
+    """Ticket counters of one decode: one per kv head (level 2) + COMBINE_GMAX per kv head (groups)."""
+    return hkv * (1 + COMBINE_GMAX)
 
 
 def decode_tc_smem(dk: int, dv: int, stages: int) -> int:
     kstr, vstr = _strides(2, dk, dv)
     layout = (DTC_R * kstr * 2 + stages * (DTC_T * (kstr + vstr) * 2 + DTC_T * 4)
-              + 4 * DTC_R * 24 * 2 + DTC_R * 4)
-    merge = DTC_R * kstr * 2 + 2 * 4 * DTC_R * 4 + 4 * DTC_R * dv * 4      # over the stages
-    return max(layout, merge)
-
-
-def reduce_cols_per_block(dv: int) -> int:
-    dc = dv // 4
-    return next(c for c in (8, 4, 2, 1) if dc % c == 0)
+              + 4 * DTC_R * 24 * 2 + DTC_R * 4 + stages * 8)
+    merge = DTC_R * kstr * 2 + 2 * 4 * DTC_R * 4 + 4 * DTC_R * dv * 4 + DTC_R * 4    # over the stages
+    return max(layout, merge, DTC_R * kstr * 2 + combine_bytes())
 
 
 def decode_smem(kvb: int, dk: int, dv: int, rmax: int, stages: int) -> int:
@@ -116,7 +145,81 @@ def decode_smem(kvb: int, dk: int, dv: int, rmax: int, stages: int) -> int:
     layout = (stages * DEC_T * (kstr + vstr) * kvb + stages * DEC_T * 4
               + rmax * dk * 4 + rmax * DEC_T * 4 + rmax * 4 + rmax * 4)
     kg = DEC_NT // (dv // 8)
-    return max(layout, kg * rmax * dv * 4)
+    return max(layout, kg * rmax * dv * 4 + rmax * 4, combine_bytes())
+
+
+def split_unit(page_size: int) -> int:
+    """Pages per split unit: a whole 64-key tile when pages divide 64, else one page."""
+    return SPLIT_KEYS // page_size if page_size < SPLIT_KEYS and SPLIT_KEYS % page_size == 0 else 1
+
+
+def split_min_units(split_keys: int, page_size: int) -> int:
+    return max(1, _cdiv(int(split_keys), split_unit(page_size) * page_size))
+
+
+def split_geometry(kv_len: int, splits: int, min_units: int, page_size: int) -> tuple[int, int]:
+    """(splits used, pages per split) of a decode launch at ``kv_len``: attention.cu's
+    split_geometry, which the kernels compute from the device's kv_len."""
+    unit = split_unit(page_size)
+    n_units = _cdiv(_cdiv(max(0, kv_len), page_size), unit)
+    ups = max(max(min_units, 1), _cdiv(n_units, splits))
+    return max(1, _cdiv(n_units, ups)), ups * unit
+
+
+def combine_groups(nsplit: int, flat_max: int = DEFAULT_FLAT_MAX) -> tuple[int, int]:
+    """(splits per group, groups) of the fused combine: attention.cu decode_combine. One group
+    (one level) up to ``flat_max`` splits, else groups of ceil(sqrt(nsplit)) (at most COMBINE_GMAX)."""
+    gs = nsplit
+    if nsplit > flat_max:
+        gs = math.isqrt(nsplit - 1) + 1 if nsplit > 1 else 1
+        while _cdiv(nsplit, gs) > COMBINE_GMAX:
+            gs += 1
+    return gs, _cdiv(nsplit, gs)
+
+
+def default_split_keys(hkv: int, rows: int, dk: int, dv: int, kvb: int) -> int:
+    """Fewest keys a decode split takes (a multiple of 64): below ~this many a sequence is better
+    served by fewer, longer splits than by paying for partials and the combine. Measured on an
+    H100 (benchmarks/bench_cuda_attention.py --sweep): one 64-key tile per split when a split's
+    partial is small (SmolLM2: 3 rows x 64 = 768 bytes), two tiles when it is 2-4 KB (Llama-8B,
+    Gemma-3: the combine's reads then cost as much as the extra tile)."""
+    return 64 if rows * dv * 4 <= 1024 else 128
+
+
+def decode_kernel_smem(kind: str, kvb: int, dk: int, dv: int, rows: int) -> tuple[str, int]:
+    """(kernel name, dynamic shared memory) of decode kernel ``kind`` ("tc", "tcb", "fma")."""
+    if kind in ("tc", "tcb"):
+        return f"attn_decode_{kind}", decode_tc_smem(dk, dv, decode_tc_stages(dk, dv))
+    rmax = 4 if rows <= 4 else 8
+    return f"attn_decode_r{rmax}", decode_smem(kvb, dk, dv, rmax, decode_stages(kvb, dk, dv))
+
+
+def default_splits(hkv: int, max_pages: int, smem: int = 110 * 1024) -> int:
+    """Decode grid (splits per kv head) when the plan names none: one wave of blocks (two per SM,
+    one where the kernel's shared memory ``smem`` allows only one)."""
+    per_sm = max(1, min(2, (SMEM_LIMIT + 1024) // (smem + 1024)))
+    return num_splits(hkv, max_pages, blocks_per_sm=per_sm)
+
+
+def bulk_copies_ok(page_size: int) -> bool:
+    """attn_decode_tcb (bulk copies) exists for this page size (attention.cu DTC_BULK_OK) on this GPU."""
+    if not (page_size % 4 == 0 and (DTC_T % page_size == 0 or page_size % DTC_T == 0)):
+        return False
+    return compute_capability() >= 90
+
+
+_cc: list[int] = []
+
+
+def compute_capability() -> int:
+    """Compute capability of the current device as major*10+minor (90 for Hopper); 90 without one."""
+    if not _cc:
+        try:
+            import cupy
+            _cc.append(int(cupy.cuda.Device().compute_capability))
+        except Exception:
+            return 90
+    return _cc[0]
 
 
 def prefill_smem(kvb: int, dk: int, dv: int, rpt: int) -> int:
@@ -156,13 +259,15 @@ def attention_scratch_bytes(n: int, H: int, dv: int, max_kv: int, n_kv_heads: in
     if n * (H // hkv) > DECODE_MAX_ROWS and n_kv_heads:
         return 0
     max_pages = max(1, _cdiv(max_kv, page_size))
-    splits = num_splits(hkv, max_pages, blocks_per_sm=blocks_per_sm)
+    splits = num_splits(hkv, max_pages, blocks_per_sm=max(2.0, blocks_per_sm))   # >= default_splits
     return _partials_bytes(splits, n * H, dv)
 
 
 def _partials_bytes(splits: int, rows: int, dv: int) -> int:
+    """Decode scratch for ``splits`` splits of ``rows`` = n * H rows: the ticket counters, then
+    ml (splits, rows, 2) f32, then acc (splits, rows, dv) f32."""
     ml = _cdiv(splits * rows * 2 * 4, 256) * 256
-    return ml + splits * rows * dv * 4
+    return COUNTER_BYTES + ml + splits * rows * dv * 4
 
 
 # -- kernels ----------------------------------------------------------------------------------------
@@ -200,19 +305,13 @@ def _nothing() -> None:
     return None
 
 
-class _Steps:
-    """Several launches as one step (``parts`` lets benchmarks time them one by one)."""
-
-    def __init__(self, *parts: Step) -> None:
-        self.parts = parts
-
-    def __call__(self) -> None:
-        for s in self.parts:
-            s()
-
-
-def _steps(*steps: Step) -> Step:
-    return steps[0] if len(steps) == 1 else _Steps(*steps)
+def _zero_counters(counters: Any, words: int, stream: Any) -> None:
+    """Zero the decode's ticket counters, once at plan time (async, on the plan's stream; the
+    kernel returns them to zero, so replays need nothing). Planned inside a stream capture, the
+    memset becomes a node of the graph: harmless, the counters are zero there anyway."""
+    import cupy
+    st = stream if stream is not None else cupy.cuda.get_current_stream()
+    cupy.cuda.runtime.memsetAsync(counters.data.ptr, 0, max(4, words * 4), st.ptr)
 
 
 # -- checks -----------------------------------------------------------------------------------------
@@ -277,14 +376,17 @@ def kv_store(k: Any, v: Any, slots: Any, pos: Any, k_cache: Any, v_cache: Any, p
 def plan_attention(q: Any, k_cache: Any, v_cache: Any, pos_cache: Any, block_table: Any, kv_len: Any,
                    q_pos: Any, out: Any, scale: float, window: int = 0, softcap: float = 0.0,
                    stream: Any = None, scratch: Any = None, *, splits: int | None = None,
-                   mode: str | None = None, decode_kernel: str | None = None,
+                   split_keys: int | None = None, flat_max: int | None = None, mode: str | None = None, decode_kernel: str | None = None,
                    prefill_kernel: str | None = None, prefill_rows: int | None = None) -> Step:
     """Step computing ``ops.attention`` into ``out`` (n, H * dv) f32.
 
     ``scratch``: a device array of at least ``attention_scratch_bytes(...)`` bytes (decode only).
-    Tuning/testing knobs: ``splits`` (decode splits per kv head), ``mode`` ("decode" or
+    Tuning/testing knobs: ``splits`` (decode grid: splits per kv head), ``split_keys`` (fewest
+    keys a decode split takes, see ``split_geometry``), ``flat_max`` (most splits whose partials
+    one block merges; more are merged in two levels), ``mode`` ("decode" or
     "prefill", default by size), ``decode_kernel`` / ``prefill_kernel`` ("tc": tensor cores,
-    the default for f16 pages; "fma": f32 FMA, the only one for f32 pages) and ``prefill_rows`` (query rows per
+    the default for f16 pages; decode also "tcb": tensor cores fed by bulk copies, the default
+    where it exists (Hopper, pages of 4k slots); "fma": f32 FMA, the only one for f32 pages) and ``prefill_rows`` (query rows per
     block: 16, 32 or 64; default the largest that still gives every SM a block)."""
     n_pages, page, hkv, dk, dv, kvb = _cache_geometry(k_cache, v_cache, pos_cache)
     _arr(q, "q", ("float32",), 3)
@@ -318,10 +420,19 @@ def plan_attention(q: Any, k_cache: Any, v_cache: Any, pos_cache: Any, block_tab
     tc_ok = kvb == 2 and dk % 16 == 0 and dv % 16 == 0
     if mode == "decode":
         _need(R <= DECODE_MAX_ROWS, f"attention: decode kernel takes at most {DECODE_MAX_ROWS} rows, got {R}")
-        kind = decode_kernel or ("tc" if tc_ok else "fma")
-        _need(kind in ("tc", "fma") and (kind == "fma" or tc_ok),
-              f"attention: decode kernel {kind!r} not available for this cache ({k_cache.dtype}, dk {dk}, dv {dv})")
-        ns = num_splits(hkv, max_pages) if splits is None else max(1, min(int(splits), max_pages))
+        bulk_ok = tc_ok and bulk_copies_ok(page)
+        kind = decode_kernel or ("tcb" if bulk_ok else "tc" if tc_ok else "fma")
+        _need(kind in ("tc", "tcb", "fma") and (kind == "fma" or tc_ok) and (kind != "tcb" or bulk_ok),
+              f"attention: decode kernel {kind!r} not available for this cache ({k_cache.dtype}, dk {dk}, dv {dv},"
+              f" page {page})")
+        _need(_counter_words(hkv) * 4 <= COUNTER_BYTES,
+              f"attention: {hkv} kv heads need more than {COUNTER_BYTES} bytes of counters")
+        name, smem = decode_kernel_smem(kind, kvb, dk, dv, R)
+        ns = default_splits(hkv, max_pages, smem) if splits is None else max(1, min(int(splits), max_pages))
+        _need(ns <= COMBINE_GMAX ** 2, f"attention: at most {COMBINE_GMAX ** 2} decode splits")
+        fm = DEFAULT_FLAT_MAX if flat_max is None else max(1, int(flat_max))
+        sk = default_split_keys(hkv, R, dk, dv, kvb) if split_keys is None else int(split_keys)
+        _need(sk >= 1, "attention: split_keys must be >= 1")
         need = _partials_bytes(ns, n * H, dv)
         _need(scratch is not None and scratch.nbytes >= need,
               f"attention: decode needs {need} bytes of scratch, got {0 if scratch is None else scratch.nbytes}")
@@ -329,23 +440,16 @@ def plan_attention(q: Any, k_cache: Any, v_cache: Any, pos_cache: Any, block_tab
         _need(scratch.flags.c_contiguous, "attention: scratch must be contiguous")
         base = scratch.data
         ml_bytes = _cdiv(ns * n * H * 2 * 4, 256) * 256
-        part_ml = cupy.ndarray((ns * n * H * 2,), cupy.float32, memptr=base)
-        part_acc = cupy.ndarray((ns * n * H * dv,), cupy.float32, memptr=base + ml_bytes)
-        if kind == "tc":
-            smem, name = decode_tc_smem(dk, dv, decode_tc_stages(dk, dv)), "attn_decode_tc"
-        else:
-            rmax = 4 if R <= 4 else 8
-            smem, name = decode_smem(kvb, dk, dv, rmax, decode_stages(kvb, dk, dv)), f"attn_decode_r{rmax}"
-        _need(smem <= SMEM_LIMIT, f"attention: decode needs {smem} bytes of shared memory")
+        counters = cupy.ndarray((COUNTER_BYTES // 4,), cupy.uint32, memptr=base)
+        part_ml = cupy.ndarray((ns * n * H * 2,), cupy.float32, memptr=base + COUNTER_BYTES)
+        part_acc = cupy.ndarray((ns * n * H * dv,), cupy.float32, memptr=base + COUNTER_BYTES + ml_bytes)
+        _need(smem <= SMEM_LIMIT, f"attention: decode needs {smem} bytes of shared memory ({ns} splits)")
         f_dec = _function(kvb, dk, dv, page, name, smem)
-        f_red = _function(kvb, dk, dv, page, "attn_decode_reduce", ns * 4)
-        dec = _launch(f_dec, (ns, hkv), DEC_NT,
-                      (q, k_cache, v_cache, pos_cache, block_table, kv_len, q_pos, part_ml, part_acc)
-                      + common + (np.int32(ns),) + tail, smem, stream)
-        red = _launch(f_red, (n * H, dv // 4 // reduce_cols_per_block(dv)), RED_NT,
-                      (part_ml, part_acc, kv_len, out, np.int32(n), np.int32(H), np.int32(hkv),
-                       np.int32(max_pages), np.int32(ns)), ns * 4, stream)
-        return _steps(dec, red)
+        _zero_counters(counters, _counter_words(hkv), stream)
+        return _launch(f_dec, (ns, hkv), DEC_NT,
+                       (q, k_cache, v_cache, pos_cache, block_table, kv_len, q_pos, part_ml, part_acc, counters, out)
+                       + common + (np.int32(ns), np.int32(split_min_units(sk, page)), np.int32(fm)) + tail,
+                       smem, stream)
 
     _need(mode == "prefill", f"attention: unknown mode {mode!r}")
     kind = prefill_kernel or ("tc" if tc_ok else "fma")
