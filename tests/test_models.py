@@ -109,7 +109,10 @@ def test_prefill_equals_token_by_token(models):
     a = model.prefill(cache, cache.new_sequence(), ids, all_logits=True)
     seq = cache.new_sequence()
     b = np.stack([model.forward(cache, seq, [t])[-1] for t in ids])
-    assert np.abs(a - b).max() < 1e-3 * np.abs(a).max()
+    nmse = float(((a - b) ** 2).sum() / (b ** 2).sum())
+    # NumPy: the same f32 math in another order. CuPy: prefill multiplies in f16 on the tensor
+    # cores, decode in f32 GEMV kernels -- ggml's whole-model threshold applies (2e-3).
+    assert nmse < (1e-6 if BACKEND == "numpy" else 2e-3), nmse   # measured: 8.8e-8 on NumPy
 
 
 @pytest.mark.parametrize("name", ["smollm2", "gemma3"])
