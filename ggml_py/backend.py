@@ -61,6 +61,29 @@ class Backend(ABC):
         return 0
 
 
+def stage_inputs(graph_name: str, slots: list[tuple[str, tuple[int, ...], str, np.ndarray]],
+                 inputs: Mapping[str, np.ndarray]) -> None:
+    """Copy every declared input into its host buffer, checking names, shapes and dtypes.
+
+    slots: (name, shape, dtype, host buffer) per graph input, as a plan records them.
+    """
+    for name, shape, dtype, buf in slots:
+        try:
+            a = inputs[name]
+        except KeyError:
+            raise ValueError(f"graph {graph_name!r}: missing input {name!r} {shape} {dtype}") from None
+        a = np.asarray(a)
+        if a.shape != shape:
+            raise ValueError(f"input {name!r}: expected shape {shape}, got {a.shape}")
+        try:
+            np.copyto(buf, a.astype(np.float16) if dtype == "f16" else a, casting="same_kind")
+        except TypeError:
+            raise ValueError(f"input {name!r}: cannot use {a.dtype} data for a {dtype} input") from None
+    if len(inputs) > len(slots):
+        extra = sorted(set(inputs) - {s[0] for s in slots})
+        raise ValueError(f"graph {graph_name!r} has no input(s) {extra}")
+
+
 def get_backend(name: str, **kwargs: Any) -> Backend:
     """Backends found by name: ``numpy`` (the reference), ``cupy`` (CUDA GPU through CuPy).
 

@@ -62,7 +62,7 @@ import numpy as np
 
 from engine.errors import ContextError, GGFlatError
 
-from .backend import Backend, Plan, WeightSource
+from .backend import Backend, Plan, WeightSource, stage_inputs
 from .graph import Graph, Tensor
 from .ops import ROPE_NEOX, ROPE_NORMAL
 
@@ -752,23 +752,8 @@ class CupyBackend(Backend):
     def run(self, plan: Plan, inputs: Mapping[str, np.ndarray], kv: Any = None) -> dict[str, np.ndarray]:
         if not isinstance(plan, CupyPlan) or plan.backend is not self:
             raise ValueError("run: the plan was not made by this backend")
-        host_in = {}
-        for name, shape, dtype, buf in plan.inputs:
-            try:
-                a = inputs[name]
-            except KeyError:
-                raise ValueError(f"graph {plan.graph.name!r}: missing input {name!r} {shape} {dtype}") from None
-            a = np.asarray(a)
-            if a.shape != shape:
-                raise ValueError(f"input {name!r}: expected shape {shape}, got {a.shape}")
-            try:
-                np.copyto(buf, a.astype(np.float16) if dtype == "f16" else a, casting="same_kind")
-            except TypeError:
-                raise ValueError(f"input {name!r}: cannot use {a.dtype} data for a {dtype} input") from None
-            host_in[name] = buf
-        if len(inputs) > len(plan.inputs):
-            extra = sorted(set(inputs) - {i[0] for i in plan.inputs})
-            raise ValueError(f"graph {plan.graph.name!r} has no input(s) {extra}")
+        stage_inputs(plan.graph.name, plan.inputs, inputs)      # into the pinned host twins
+        host_in = {name: buf for name, _shape, _dtype, buf in plan.inputs}
         st = self._bind_kv(plan, kv) if plan.kv_layers else None
         for check in plan.checks.values():
             check(host_in, st)

@@ -51,7 +51,7 @@ import numpy as np
 from engine.errors import GGFlatError, ModelError
 from quant_formats import dequantize
 
-from .backend import Backend, Plan, WeightSource
+from .backend import Backend, Plan, WeightSource, stage_inputs
 from .graph import Graph, Tensor
 from .ops import ROPE_NEOX, ROPE_NORMAL
 
@@ -349,21 +349,7 @@ class NumpyBackend(Backend):
     def run(self, plan: Plan, inputs: Mapping[str, np.ndarray], kv: Any = None) -> dict[str, np.ndarray]:
         if not isinstance(plan, NumpyPlan) or plan.backend is not self:
             raise ValueError("run: the plan was not made by this backend")
-        for name, shape, dtype, buf in plan.inputs:
-            try:
-                a = inputs[name]
-            except KeyError:
-                raise ValueError(f"graph {plan.graph.name!r}: missing input {name!r} {shape} {dtype}") from None
-            a = np.asarray(a)
-            if a.shape != shape:
-                raise ValueError(f"input {name!r}: expected shape {shape}, got {a.shape}")
-            try:
-                np.copyto(buf, a.astype(np.float16) if dtype == "f16" else a, casting="same_kind")
-            except TypeError:
-                raise ValueError(f"input {name!r}: cannot use {a.dtype} data for a {dtype} input") from None
-        if len(inputs) > len(plan.inputs):
-            extra = sorted(set(inputs) - {i[0] for i in plan.inputs})
-            raise ValueError(f"graph {plan.graph.name!r} has no input(s) {extra}")
+        stage_inputs(plan.graph.name, plan.inputs, inputs)
         if plan.kv_layers:
             plan.kvref[0] = kv if kv is not None and kv is plan.kv_checked else self._check_kv(plan, kv)
         steps = plan.steps
