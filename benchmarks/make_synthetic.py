@@ -27,26 +27,16 @@ SHAPES = {
 }
 
 
-def random_blocks(rng: np.random.Generator, type_id: int, rows: int, cols: int) -> np.ndarray:
-    """(rows, row_bytes) uint8 of valid random blocks: codes uniform, every f16 field a small scale."""
-    from quant_formats import get_format, row_nbytes
+def random_weight(rng: np.random.Generator, type_id: int, rows: int, cols: int) -> np.ndarray:
+    """A (rows, cols) weight of type ``type_id``: float arrays for F32/F16, else (rows, row_bytes) blocks."""
+    from quant_formats import get_format, random_blocks
 
-    fmt = get_format(type_id)
-    if fmt.name == "F32":
-        return (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02)
-    if fmt.name == "F16":
-        return (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(np.float16)
-    nb = cols // fmt.block_elems
-    data = rng.integers(0, 256, size=(rows * nb, fmt.block_bytes), dtype=np.uint8)
-    off = 0
-    for f in fmt.fields:
-        size = np.dtype(f.dtype).itemsize * f.count
-        if f.dtype == "float16":
-            # scales: ~N(0,1)*0.02 weights come from d ~ 0.02/8 for 4-bit codes; keep them finite and small
-            vals = (rng.uniform(0.5, 1.5, size=(rows * nb, f.count)) * 0.02 / 8).astype(np.float16)
-            data[:, off:off + size] = vals.view(np.uint8).reshape(rows * nb, size)
-        off += size
-    return data.reshape(rows, row_nbytes(type_id, cols))
+    name = get_format(type_id).name
+    if name in ("F32", "F16"):
+        w = rng.standard_normal((rows, cols), dtype=np.float32) * 0.02
+        return w if name == "F32" else w.astype(np.float16)
+    # ~N(0, 0.02) weights from 4-bit codes need scales near 0.02/8
+    return random_blocks(rng, type_id, (rows, cols), 0.5 * 0.02 / 8, 1.5 * 0.02 / 8)
 
 
 def write_synthetic(path: str, shape: str, type_name: str, seed: int = 0) -> None:
@@ -81,7 +71,7 @@ def write_synthetic(path: str, shape: str, type_name: str, seed: int = 0) -> Non
     w.add_add_bos_token(True)
 
     def add(name: str, rows: int, cols: int, t=qtype) -> None:
-        arr = random_blocks(rng, int(t), rows, cols)
+        arr = random_weight(rng, int(t), rows, cols)
         w.add_tensor(name, arr, raw_dtype=t if arr.dtype == np.uint8 else None)   # uint8: (rows, row_bytes)
 
     add("token_embd.weight", vocab, d)

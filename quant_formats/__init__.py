@@ -11,7 +11,8 @@ floats (F32 F16 BF16), legacy (Q4_0 Q4_1 Q5_0 Q5_1 Q8_0), kquants (Q2_K..Q6_K),
 iquants (IQ4_NL IQ4_XS); layout holds Field/QuantFormat, registry the id table and drivers.
 """
 from .layout import Field, QuantFormat
+from .randomize import random_blocks
 from .registry import FORMATS, dequantize, get_format, quantize, row_nbytes, tensor_nbytes, type_name
 
 __all__ = ["QuantFormat", "Field", "get_format", "FORMATS", "dequantize", "quantize",
-           "row_nbytes", "tensor_nbytes", "type_name"]
+           "random_blocks", "row_nbytes", "tensor_nbytes", "type_name"]

@@ -81,7 +81,7 @@ def f32_source(name: str, data: np.ndarray) -> WeightSource:
 
 def random_blocks(rng, type_id: int, rows: int, cols: int) -> np.ndarray:
     """(rows, row_bytes) uint8 of valid random blocks of ``type_id``: codes uniform, f16 scales small."""
-    from quant_formats import get_format, row_nbytes
+    from quant_formats import get_format, random_blocks as quant_random_blocks
 
     fmt = get_format(type_id)
     if fmt.name == "F32":
@@ -90,16 +90,7 @@ def random_blocks(rng, type_id: int, rows: int, cols: int) -> np.ndarray:
         return rand(rng, rows, cols, scale=0.1).astype(np.float16).view(np.uint8)
     if fmt.name == "BF16":
         return (rand(rng, rows, cols, scale=0.1).view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
-    nb = cols // fmt.block_elems
-    data = rng.integers(0, 256, size=(rows * nb, fmt.block_bytes), dtype=np.uint8)
-    off = 0
-    for f in fmt.fields:
-        size = np.dtype(f.dtype).itemsize * f.count
-        if f.dtype == "float16":
-            vals = (rng.uniform(0.5, 1.5, size=(rows * nb, f.count)) * 0.01).astype(np.float16)
-            data[:, off:off + size] = vals.view(np.uint8).reshape(rows * nb, size)
-        off += size
-    return data.reshape(rows, row_nbytes(type_id, cols))
+    return quant_random_blocks(rng, type_id, (rows, cols), 0.005, 0.015)
 
 
 # =====================================================================================================

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from quant_formats import dequantize, get_format, quantize, tensor_nbytes
+from quant_formats import dequantize, get_format, quantize, random_blocks, tensor_nbytes
 
 CU = Path(__file__).resolve().parent.parent / "ggml_py" / "cuda" / "quant.cu"
 
@@ -46,18 +46,7 @@ def _random_weight(rng: np.random.Generator, tid: int, shape: tuple[int, int]) -
     if tid in QUANTIZABLE:
         w = rng.standard_normal(shape).astype(np.float32) * np.float32(rng.uniform(0.05, 2.0))
         return np.ascontiguousarray(quantize(w, tid)).reshape(-1).view(np.uint8)
-    return _random_blocks(rng, tid, shape)
-
-
-def _random_blocks(rng: np.random.Generator, tid: int, shape: tuple[int, int]) -> np.ndarray:
-    """Random bytes with every f16 field (scales, mins) finite and small."""
-    fmt = get_format(tid)
-    raw = rng.integers(0, 256, tensor_nbytes(tid, shape), dtype=np.uint8)
-    blk = raw.view(fmt.np_dtype)
-    for f in fmt.fields:
-        if f.dtype == "float16":
-            blk[f.name] = rng.uniform(-0.05, 0.05, blk[f.name].shape).astype(np.float16)
-    return raw
+    return random_blocks(rng, tid, shape, -0.05, 0.05).reshape(-1)
 
 
 def _nmse(a: np.ndarray, ref: np.ndarray) -> float:
@@ -95,7 +84,7 @@ def test_host_decoders(host_lib, tid):
     if tid in (1, 30):                                         # every bit pattern, NaN and Inf too
         raws.append(rng.integers(0, 1 << 16, 7 * 512, dtype=np.uint16).view(np.uint8))
     elif tid != 0:                                             # all quant values, not just likely ones
-        raws.append(_random_blocks(rng, tid, shape))
+        raws.append(random_blocks(rng, tid, shape, -0.05, 0.05).reshape(-1))
     for raw in raws:
         ref = np.ascontiguousarray(dequantize(raw, tid, shape))
         out = np.full(shape, np.nan, np.float32)
