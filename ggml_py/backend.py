@@ -13,6 +13,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from engine.errors import ModelError
+
 from .graph import Graph, Tensor
 
 
@@ -59,6 +61,38 @@ class Backend(ABC):
     def weight_nbytes(self) -> int:
         """Bytes the backend holds for weights (for `bench` and memory messages)."""
         return 0
+
+
+class MissingWeightError(ModelError, KeyError):
+    """A graph names a weight the backend was not given."""
+
+    def __str__(self) -> str:            # KeyError would print the message quoted
+        return str(self.args[0])
+
+
+def bind_leaves(graph: Graph, live: list[Tensor], weights: Mapping[str, tuple[tuple[int, ...], Any]],
+                backend_name: str) -> tuple[dict[int, Any], dict[int, tuple[int, int, int]]]:
+    """The weight and KV leaves the live nodes (and outputs) use, checked against the backend.
+
+    weights: name -> (shape the backend holds, the backend's value).
+    Returns ({leaf index: value} for weights, {layer: (Hkv, dk, dv)} for KV layers).
+    """
+    vals: dict[int, Any] = {}
+    kv_layers: dict[int, tuple[int, int, int]] = {}
+    used = {s.index: s for t in live for s in t.src} | {t.index: t for t in graph.outputs.values()}
+    for t in used.values():
+        if t.op == "weight":
+            held = weights.get(t.name)
+            if held is None:
+                raise MissingWeightError(f"graph {graph.name!r} uses weight {t.name!r}, "
+                                         f"which the {backend_name} backend was not given")
+            shape, value = held
+            if tuple(shape) != t.shape:
+                raise ValueError(f"weight {t.name!r} is {tuple(shape)} in the backend, {t.shape} in the graph")
+            vals[t.index] = value
+        elif t.op == "kv":
+            kv_layers[t.params["layer"]] = (t.shape[0], t.shape[1], t.params["head_dim_v"])
+    return vals, kv_layers
 
 
 def stage_inputs(graph_name: str, slots: list[tuple[str, tuple[int, ...], str, np.ndarray]],

@@ -62,7 +62,7 @@ import numpy as np
 
 from engine.errors import ContextError, GGFlatError
 
-from .backend import Backend, Plan, WeightSource, stage_inputs
+from .backend import Backend, Plan, WeightSource, bind_leaves, stage_inputs
 from .graph import Graph, Tensor
 from .ops import ROPE_NEOX, ROPE_NORMAL
 
@@ -629,20 +629,10 @@ class CupyBackend(Backend):
             plan.h2d.append(dev.h2d(in_dev, in_host, total, stream))
 
         # weights and kv leaves
-        used = {s.index: s for t in live for s in t.src} | {t.index: t for t in graph.outputs.values()}
-        for t in used.values():
-            if t.op == "weight":
-                w = self._w.get(t.name)
-                if w is None:
-                    from .backend_numpy import MissingWeightError
-                    raise MissingWeightError(f"graph {graph.name!r} uses weight {t.name!r}, "
-                                             f"which the cupy backend was not given")
-                if tuple(self._src[t.name].shape) != t.shape:
-                    raise ValueError(f"weight {t.name!r} is {tuple(self._src[t.name].shape)} in the backend, "
-                                     f"{t.shape} in the graph")
-                b.vals[t.index] = w
-            elif t.op == "kv":
-                plan.kv_layers[t.params["layer"]] = (t.shape[0], t.shape[1], t.params["head_dim_v"])
+        held = {n: (self._src[n].shape, w) for n, w in self._w.items()}
+        vals, kv_layers = bind_leaves(graph, live, held, "cupy")
+        b.vals.update(vals)
+        plan.kv_layers.update(kv_layers)
 
         # a region runs as one launch at its first node: what it reads (x, positions) must stay
         # allocated until its last node, so that nothing placed inside it shares their bytes

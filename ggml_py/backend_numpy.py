@@ -48,10 +48,10 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from engine.errors import GGFlatError, ModelError
+from engine.errors import GGFlatError
 from quant_formats import dequantize
 
-from .backend import Backend, Plan, WeightSource, stage_inputs
+from .backend import Backend, Plan, WeightSource, bind_leaves, stage_inputs
 from .graph import Graph, Tensor
 from .ops import ROPE_NEOX, ROPE_NORMAL
 
@@ -64,13 +64,6 @@ _ROPE_TABLE_MAX = 1 << 20                # positions beyond this get cos/sin com
 _ATTN_BLOCK = 1 << 19                    # score elements per query block (2 MiB of f32)
 
 Step = Callable[[], Any]
-
-
-class MissingWeightError(ModelError, KeyError):
-    """A graph names a weight the backend was not given."""
-
-    def __str__(self) -> str:            # KeyError would print the message quoted
-        return str(self.args[0])
 
 
 # -- weights ------------------------------------------------------------------------
@@ -325,18 +318,9 @@ class NumpyBackend(Backend):
             buf = np.zeros(t.shape, dt)
             b.vals[t.index] = buf
             plan.inputs.append((name, t.shape, t.dtype, buf))
-        used = {s.index: s for t in live for s in t.src} | {t.index: t for t in graph.outputs.values()}
-        for t in used.values():
-            if t.op == "weight":
-                w = self._w.get(t.name)
-                if w is None:
-                    raise MissingWeightError(f"graph {graph.name!r} uses weight {t.name!r}, "
-                                             f"which the numpy backend was not given")
-                if w.shape != t.shape:
-                    raise ValueError(f"weight {t.name!r} is {w.shape} in the backend, {t.shape} in the graph")
-                b.vals[t.index] = w
-            elif t.op == "kv":
-                plan.kv_layers[t.params["layer"]] = (t.shape[0], t.shape[1], t.params["head_dim_v"])
+        vals, kv_layers = bind_leaves(graph, live, {n: (w.shape, w) for n, w in self._w.items()}, "numpy")
+        b.vals.update(vals)
+        plan.kv_layers.update(kv_layers)
         for i, t in enumerate(live):
             b.pos, b.node = i, t
             self._ops[t.op](b, t)

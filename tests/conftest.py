@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REFERENCE_DIR = Path(__file__).parent / "reference"
@@ -36,3 +37,16 @@ def reference_dir() -> Path:
 def load_jsonl(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def nmse(a: np.ndarray, b: np.ndarray) -> float:
+    """Normalised MSE sum((a-b)^2) / sum(b^2) of a result ``a`` against a reference ``b``
+    (ggml's test-backend-ops measure); NaN on either side fails."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert not np.isnan(a).any(), "result has NaN"
+    assert not np.isnan(b).any(), "reference has NaN"
+    den = float(np.sum(b * b))
+    num = float(np.sum((a - b) ** 2))
+    return num / den if den > 0 else num

@@ -43,6 +43,7 @@ import pytest
 from ggml_py import Graph, WeightSource, ops
 from ggml_py.backend_numpy import NumpyBackend
 from kvcache import KVCacheSpec
+from tests.conftest import nmse
 
 F32_TOL = 1e-7
 DECODE_TOL = 1e-6
@@ -52,17 +53,6 @@ MODEL_TOL = 2e-3
 FLT_MAX = float(np.finfo(np.float32).max)
 FLT_TINY = float(np.finfo(np.float32).tiny)
 REFERENCE_DIR = Path(__file__).parent / "reference"
-
-
-def nmse(a: np.ndarray, b: np.ndarray) -> float:
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    assert not np.isnan(a).any(), "result has NaN"
-    assert not np.isnan(b).any(), "reference has NaN"
-    den = float(np.sum(b * b))
-    num = float(np.sum((a - b) ** 2))
-    return num / den if den > 0 else num
 
 
 def assert_close(a, b, tol=F32_TOL, what=""):

@@ -23,21 +23,11 @@ from ggml_py import backend_numpy
 from ggml_py.backend_numpy import NumpyBackend, NumpyKVStorage
 from ggml_py.graph import Tensor
 from kvcache import KVCacheSpec
+from tests.conftest import nmse
 
 Q = gguf.GGMLQuantizationType
 F32_TOL = 1e-7
 F16_KV_TOL = 5e-4
-
-
-def nmse(a: np.ndarray, b: np.ndarray) -> float:
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    assert not np.isnan(a).any(), "result has NaN"
-    assert not np.isnan(b).any(), "expectation has NaN"
-    den = float(np.sum(b * b))
-    num = float(np.sum((a - b) ** 2))
-    return num / den if den > 0 else num
 
 
 def assert_close(a, b, tol=F32_TOL):
