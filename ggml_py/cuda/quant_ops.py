@@ -44,6 +44,7 @@ import numpy as np
 from engine.errors import GGFlatError, UnknownTypeError
 from quant_formats import get_format, tensor_nbytes, type_name
 
+from . import marlin_ops as marlin
 from .compile import load_module
 
 # ggml type id -> kernel-name suffix
@@ -124,7 +125,12 @@ def upload_weight(ws) -> DeviceWeight:
     else:
         data = cupy.empty(nbytes, cupy.uint8)
         data.set(raw)
-    return DeviceWeight(tid, shape, data, nbytes, ws.name)
+    dw = DeviceWeight(tid, shape, data, nbytes, ws.name)
+    if marlin.should_repack(tid, shape, nbytes):
+        mw = marlin.repack(dw)          # the GGUF copy is dropped when dw goes
+        cupy.cuda.get_current_stream().synchronize()
+        return mw
+    return dw
 
 
 def _wtype(w) -> tuple[int, int, int]:
@@ -186,6 +192,10 @@ def get_rows(w, ids, out, stream=None) -> None:
 
 def plan_get_rows(w, ids, out, stream=None) -> Callable[[], None]:
     """get_rows bound to its buffers: a zero-argument callable (one launch)."""
+    if isinstance(w, marlin.MarlinWeight):
+        if ids.dtype != np.int32 or ids.ndim != 1 or not ids.flags.c_contiguous:
+            raise ValueError(f"ids must be a contiguous 1-D int32 array, got {ids.dtype} {ids.shape}")
+        return _runner([marlin.plan_get_rows(w, ids, out, stream)], None)
     tid, R, C = _wtype(w)
     if ids.dtype != np.int32 or ids.ndim != 1 or not ids.flags.c_contiguous:
         raise ValueError(f"ids must be a contiguous 1-D int32 array, got {ids.dtype} {ids.shape}")
@@ -286,6 +296,8 @@ def _choose(tid: int, M: int, K: int, n: int, variant: tuple[int, int] | None = 
 
 def mul_mat_scratch_bytes(w, n: int) -> int:
     """Bytes of scratch that ``mul_mat(w, x (n, K), ...)`` needs (0 on the GEMV path)."""
+    if isinstance(w, marlin.MarlinWeight):
+        return _marlin_choice(w, int(n))[1]
     tid, M, K = _wtype(w)
     return _choose(tid, M, K, int(n)).scratch
 
@@ -301,6 +313,12 @@ def plan_mul_mat(w, n: int, scratch=None, *, variant: tuple[int, int] | None = N
     """The mul_mat of ``w`` for n rows of x, chosen once: a callable ``(x, out, stream)``.
 
     ``variant`` (N, R) and ``warps`` override the GEMV choice (benchmarks)."""
+    if isinstance(w, marlin.MarlinWeight):
+        key = ("marlin", int(n), None if scratch is None else (scratch.data.ptr, scratch.nbytes))
+        p = w._plans.get(key)
+        if p is None:
+            p = w._plans[key] = MarlinMulMatPlan(w, int(n), scratch)
+        return p
     if isinstance(w, DeviceWeight) and variant is None and warps is None:
         key = (int(n), None if scratch is None else (scratch.data.ptr, scratch.nbytes))
         p = w._plans.get(key)
@@ -437,6 +455,8 @@ def plan_mul_mat_group(ws, n: int, *, glu: str | None = None, rope: dict | None 
     n = int(n)
     if not 1 <= n <= DECODE_MAX_N or not (1 if residual else 2) <= len(ws) <= (1 if residual else GROUP_MAX):
         return None
+    if any(isinstance(w, marlin.MarlinWeight) for w in ws):
+        return _marlin_group(ws, n, glu, rope, norm, residual)
     if residual and (glu is not None or rope is not None):
         return None
     if not all(isinstance(w, DeviceWeight) and len(w.shape) == 2 for w in ws):
@@ -542,6 +562,90 @@ class GroupPlan:
                 np.int32(0 if self.norm is None else (2 if norm_w is not None else 1)),
                 norm_w if self.norm is not None else None, np.float32(self.norm or 0.0))
         return _runner([partial(self._kern, (grid,), (32 * self.warps,), args)], stream)
+
+
+# -- Marlin weights (marlin_ops): the tensor-core GEMM up to MARLIN_MAX_N rows, above that the
+# repacked weight is dequantized to f16 tiles for cuBLAS (measured faster for prefill sizes).
+
+MARLIN_MAX_N = 64
+
+
+def _marlin_choice(w, n: int) -> tuple[str, int, int]:
+    """("marlin" | "gemm16", scratch bytes, tile rows) for n rows of x."""
+    if n <= MARLIN_MAX_N:
+        return "marlin", 0, 0
+    M, K = w.shape
+    tile = M if M * K * 2 <= PREFILL_TILE_BYTES else max(64, PREFILL_TILE_BYTES // (K * 2) // 64 * 64)
+    tile = min(tile, M)
+    return "gemm16", _align(n * K * 2) + _align(tile * K * 2), tile
+
+
+class MarlinMulMatPlan:
+    """mul_mat of one MarlinWeight for n rows of f32 x: ``bind(x, out, stream)``."""
+
+    def __init__(self, w, n: int, scratch=None) -> None:
+        self.w, self.n = w, n
+        self.M, self.K = w.shape
+        self.kind, self.scratch_bytes, self.tile = _marlin_choice(w, n)
+        self.scratch = scratch
+        if self.scratch_bytes and (scratch is None or scratch.nbytes < self.scratch_bytes):
+            raise ValueError(f"mul_mat {w.name or 'weight'}: needs {self.scratch_bytes} bytes of scratch")
+        self.gemm = marlin.plan_gemm((w,), n) if self.kind == "marlin" and n else None
+
+    def __call__(self, x, out, stream=None) -> None:
+        self.bind(x, out, stream)()
+
+    def bind(self, x, out, stream=None) -> Callable[[], None]:
+        import cupy
+        n, M, K = self.n, self.M, self.K
+        _check_act(x, (n, K), "x", 16)
+        _check_act(out, (n, M), "out")
+        if n == 0:
+            return lambda: None
+        if self.kind == "marlin":
+            return self.gemm.bind(x, [out], stream)
+        x16 = cupy.ndarray((n, K), cupy.float16, memptr=self.scratch.data)
+        w16 = cupy.ndarray((self.tile, K), cupy.float16, memptr=self.scratch.data + _align(n * K * 2))
+        total = n * K
+        steps = [_launch(_kernel("cast_f32_f16"), total // 4, (x, x16, np.int64(total), np.int32(1)))]
+        for m0 in range(0, M, self.tile):
+            rows = min(self.tile, M - m0)
+            steps.append(marlin.plan_dequant16(self.w, w16, m0, rows, stream))
+            steps.append(_Gemm(w16, _CUDA_R_16F, x16, _CUDA_R_16F, out, rows, n, K, m0, M, stream))
+        return _runner(steps, stream)
+
+
+class _MarlinGroup:
+    """plan_mul_mat_group's answer for MarlinWeights (q/k/v, gate/up + glu, one + residual)."""
+
+    def __init__(self, ws, n: int, glu: str | None, residual: bool) -> None:
+        self.ws, self.n, self.glu, self.residual = ws, n, glu, residual
+        self.gemm = marlin.plan_gemm(ws, n, glu=glu, residual=residual)
+        self.norm = None
+        self.rope_mask = 0
+
+    @property
+    def n_outputs(self) -> int:
+        return 1 if self.glu else len(self.ws)
+
+    def bind(self, x, outs, stream=None, pos=None, norm_w=None, resid=None) -> Callable[[], None]:
+        n, K = self.n, self.ws[0].cols
+        _check_act(x, (n, K), "x", 16)
+        return self.gemm.bind(x, list(outs), stream, resid=resid)
+
+
+def _marlin_group(ws, n: int, glu, rope, norm, residual):
+    """A grouped Marlin launch, or None (rope/norm epilogues are GEMV-only; mixed layouts)."""
+    if rope is not None or norm is not None:
+        return None
+    if not all(isinstance(w, marlin.MarlinWeight) for w in ws):
+        return None
+    t, K = ws[0].ggml_type, ws[0].cols
+    if any(w.ggml_type != t or w.cols != K for w in ws):
+        return None
+    if glu is not None and (glu not in _GLU_MODES or len(ws) != 2 or ws[0].shape != ws[1].shape):
+        return None
+    return _MarlinGroup(ws, n, glu, bool(residual))
 
 
 class _Cublas:

@@ -1,0 +1,618 @@
+// Marlin-style W4A16 GEMM for 4-bit GGUF weights (Q4_0, Q4_1, Q4_K), after Frantar et al.,
+// "MARLIN: Mixed-Precision Auto-Regressive Parallel Inference on Large Language Models"
+// (arXiv 2408.11743). Our own implementation; the layout is specified (and repacked, and
+// dequantized, in NumPy) by quant_formats/marlin.py -- read its docstring first.
+//
+//   out[m, n] = sum_k A[m, k] * W[n, k]        A: (M, K) f32 or f16, W: (N, K) 4-bit, out f32
+//
+// Kernel shape. A CTA is 8 warps = NWN warps along n (each owns one 64-column tile) x NWK = 8/NWN
+// warps along k (each takes every NWK-th 32-element group of the CTA's k range), and 16*MT rows
+// of A. The CTA walks its k range in stages of NWK groups through a STAGES-deep cp.async ring:
+// per stage, warp (wn, wk) copies its 1 KB of codes (two k-steps x 32 lanes x 16 bytes: each
+// lane's 16 bytes ARE its four B fragments) and the group's scales; the whole CTA copies the
+// stage's A slice (only the valid rows). A fragments come from shared memory through ldmatrix
+// (f16 A) or, for f32 A (the engine's activations, decode), as float2 pairs converted in
+// registers. Codes become f16x2 with the 0x6400 exponent trick (one lop3 per pair of values) and
+// one fma/mul with the group scale; mma.sync.m16n8k16 accumulates in f32.
+//
+// Partitioning. grid.x = (tile groups of all weights) x splits, grid.y = row tiles. A split
+// takes a contiguous 1/splits of the k groups; with splits > 1 (or a gate/up pair) each CTA
+// writes its partial tile to `part` and bumps a per-tile ticket; the CTA that arrives last sums
+// the partials (L2 reads), applies the epilogue and resets the ticket (so a captured CUDA
+// graph can replay). The host picks splits so that the grid fills the 132 SMs (marlin_ops.py).
+//
+// Epilogues (mode): 0 store; 1 swiglu / 2 geglu of the (gate = weight 0, up = weight 1) pair,
+// one output; 3 add a residual (one weight). Up to three weights of one type and K share a
+// launch (q/k/v); each has its own output.
+
+#include <cuda_fp16.h>
+
+typedef unsigned int u32;
+typedef unsigned char u8;
+typedef long long i64;
+
+#define MARLIN_THREADS 256
+#define MARLIN_STAGES 4
+#define MARLIN_WSTAGE 1408          // one warp's stage: 1024 bytes of codes + up to 384 of scales
+
+// -- small helpers -------------------------------------------------------------------------------
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    return (u32)__cvta_generic_to_shared(p);
+}
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(smem_addr(dst)), "l"(src));
+}
+
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N)); }
+
+// (a & b) | c in one instruction
+__device__ __forceinline__ u32 lop3_and_or(u32 a, u32 b, u32 c) {
+    u32 r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+    return r;
+}
+
+__device__ __forceinline__ u32 h2u(half2 h) { return *reinterpret_cast<u32*>(&h); }
+__device__ __forceinline__ half2 u2h(u32 u) { return *reinterpret_cast<half2*>(&u); }
+
+__device__ __forceinline__ void mma_16816(float* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(u32* r, u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
+__device__ __forceinline__ u32 f2_to_h2(float2 v) { return h2u(__floats2half2_rn(v.x, v.y)); }
+
+__device__ __forceinline__ float mm_silu(float x) { return x / (1.0f + expf(-x)); }
+
+__device__ __forceinline__ float mm_gelu(float x) {     // ggml_gelu_f32's factorisation, as elementwise.cu
+    float t = __fmul_rn(x, x);
+    t = __fmul_rn(t, 0.044715f);
+    t = __fadd_rn(t, 1.0f);
+    t = __fmul_rn(t, x);
+    t = __fmul_rn(t, 0.79788456080286535587989211986876f);
+    t = tanhf(t);
+    t = __fadd_rn(t, 1.0f);
+    t = __fmul_rn(t, x);
+    return __fmul_rn(t, 0.5f);
+}
+
+__host__ __device__ __forceinline__ i64 align256(i64 n) { return (n + 255) / 256 * 256; }
+
+// Byte offsets of the scale sections (quant_formats/marlin.py MarlinLayout).
+struct Layout {
+    i64 gs, ss;
+    int nt, groups;
+};
+
+template <int QT>
+__device__ __forceinline__ Layout layout_of(int N, int K) {
+    Layout l;
+    l.nt = (N + 63) / 64;
+    l.groups = K / 32;
+    const i64 qw = (i64)l.nt * (K / 16) * 512;
+    const i64 gsb = (i64)l.nt * l.groups * (QT == 1 ? 256 : 128);
+    l.gs = align256(qw);
+    l.ss = l.gs + align256(gsb);
+    return l;
+}
+
+// -- dequantization of one word: four f16x2 B registers ------------------------------------------
+// b[0], b[1]: the n8 tile of column c0 (k, k+1 | k+8, k+9); b[2], b[3]: column c1.
+// Q4_0: (q - 8) * s; Q4_1 and Q4_K: q * s + m (Q4_K: s = d*sc, m = -dmin*min).
+template <int QT>
+__device__ __forceinline__ void dequant_word(u32 w, half2 s0, half2 m0, half2 s1, half2 m1, u32* b) {
+    const u32 LO = 0x000f000fu, HI = 0x00f000f0u, EX = 0x64006400u;
+    const u32 w8 = w >> 8;
+    const half2 a0 = u2h(lop3_and_or(w, LO, EX)), a1 = u2h(lop3_and_or(w, HI, EX));
+    const half2 a2 = u2h(lop3_and_or(w8, LO, EX)), a3 = u2h(lop3_and_or(w8, HI, EX));
+    const half2 sixteenth = __float2half2_rn(0.0625f);
+    if (QT == 0) {
+        const half2 olo = __float2half2_rn(-1032.0f), ohi = __float2half2_rn(-72.0f);
+        b[0] = h2u(__hmul2(__hadd2(a0, olo), s0));
+        b[1] = h2u(__hmul2(__hfma2(a1, sixteenth, ohi), s0));
+        b[2] = h2u(__hmul2(__hadd2(a2, olo), s1));
+        b[3] = h2u(__hmul2(__hfma2(a3, sixteenth, ohi), s1));
+    } else {
+        const half2 olo = __float2half2_rn(-1024.0f), ohi = __float2half2_rn(-64.0f);
+        b[0] = h2u(__hfma2(__hadd2(a0, olo), s0, m0));
+        b[1] = h2u(__hfma2(__hfma2(a1, sixteenth, ohi), s0, m0));
+        b[2] = h2u(__hfma2(__hadd2(a2, olo), s1, m1));
+        b[3] = h2u(__hfma2(__hfma2(a3, sixteenth, ohi), s1, m1));
+    }
+}
+
+// This lane's 8 column scales of one group (slot j*2 + h: word j, column c0 (h=0) / c1):
+// gs: the group's scale chunk base, ss: Q4_K's superblock d/dmin chunk base.
+template <int QT>
+__device__ __forceinline__ void lane_scales(const u8* gs, const u8* ss, int lane, half* s, half* m) {
+    const int q = lane >> 2;
+    if (QT == 0) {
+        const uint4 v = *reinterpret_cast<const uint4*>(gs + q * 16);
+        const half* h = reinterpret_cast<const half*>(&v);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) { s[i] = h[i]; m[i] = __float2half(0.0f); }
+    } else if (QT == 1) {
+        const uint4 v = *reinterpret_cast<const uint4*>(gs + q * 16);
+        const uint4 u = *reinterpret_cast<const uint4*>(gs + 128 + q * 16);
+        const half* h = reinterpret_cast<const half*>(&v);
+        const half* g = reinterpret_cast<const half*>(&u);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) { s[i] = h[i]; m[i] = g[i]; }
+    } else {
+        const uint4 v = *reinterpret_cast<const uint4*>(gs + q * 16);         // 8 sc | 8 min
+        const uint4 d = *reinterpret_cast<const uint4*>(ss + q * 32);         // 8 d
+        const uint4 e = *reinterpret_cast<const uint4*>(ss + q * 32 + 16);    // 8 dmin
+        const u8* b = reinterpret_cast<const u8*>(&v);
+        const half* dh = reinterpret_cast<const half*>(&d);
+        const half* eh = reinterpret_cast<const half*>(&e);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            s[i] = __float2half_rn(__half2float(dh[i]) * (float)b[i]);
+            m[i] = __float2half_rn(-(__half2float(eh[i]) * (float)b[8 + i]));
+        }
+    }
+}
+
+// The scales of one stage (shared memory: the group's chunk at 1024, Q4_K's d/dmin at 1024 + 128).
+template <int QT>
+__device__ __forceinline__ void stage_scales(const u8* st, int lane, half* s, half* m) {
+    lane_scales<QT>(st + 1024, st + 1024 + 128, lane, s, m);
+}
+
+// -- the GEMM ------------------------------------------------------------------------------------
+// Work items. Every warp owns one 64-column tile of one weight ("tile" t over the concatenated
+// tiles of the launch's weights) and one k-slab (a contiguous run of 32-element groups): it walks
+// its slab through a warp-private cp.async ring -- no CTA-wide barrier in the loop, so the warps
+// of an SM stream independently -- and keeps the (16*MT) x 64 tile of sums in registers. A CTA is
+// 8 warps = 8 consecutive tiles of one slab (grid: x = tiles / 8, y = slab, z = row tile); they
+// share the slab's A window, converted to f16 into shared memory once at the start (so f32
+// activations need no cast launch) and read with ldmatrix.
+// With one slab the warp stores its tile (applying the epilogue); with several it writes a
+// partial, takes the tile's ticket, and the warp that arrives last sums the slabs' partials,
+// applies the epilogue, stores and resets the ticket (so a captured CUDA graph can replay).
+
+template <int QT, int MT, bool GLU, int STAGES>
+__device__ __forceinline__ void marlin_main(
+        const u8* __restrict__ w0, const u8* __restrict__ w1, const u8* __restrict__ w2,
+        float* o0, float* o1, float* o2, int N0, int N1, int N2, int t1, int t2, int t3,
+        const void* __restrict__ Av, int a_f16, int M, int K, int lda,
+        const float* resid, int mode, int slabs, float* part, u32* tickets) {
+    constexpr int NWT = GLU ? 2 : 1;               // weights a warp reads (gate and up together)
+    constexpr int WST = MARLIN_WSTAGE * NWT;       // one warp's bytes of one stage
+    constexpr int MR = 16 * MT;                    // rows of a tile
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int G = K / 32;
+    const int y = blockIdx.y;
+    const int g0 = (int)((i64)y * G / slabs), g1 = (int)((i64)(y + 1) * G / slabs);
+    const int ng = g1 - g0;
+    const int kw = ng * 32;                        // k of the A window
+    const int lds = kw + 8;                        // its row stride (halves): rows 16 bytes apart mod 128
+    const int m0 = blockIdx.z * MR;
+    const int rows = min(M - m0, MR);
+    const int t = blockIdx.x * 8 + warp;           // this warp's tile
+    const bool active = t < t3;
+    const int g = t < t1 ? 0 : (t < t2 ? 1 : 2);
+    const int nt = t - (g == 0 ? 0 : (g == 1 ? t1 : t2));
+    const u8* W = g == 0 ? w0 : (g == 1 ? w1 : w2);
+    const int N = g == 0 ? N0 : (g == 1 ? N1 : N2);
+    const Layout L = layout_of<QT>(N, K);
+    const Layout L1 = layout_of<QT>(N1, K);
+
+    extern __shared__ uint4 smem4[];
+    u8* smem = reinterpret_cast<u8*>(smem4);
+    u8* ring = smem + warp * STAGES * WST;
+    half* sA = reinterpret_cast<half*>(smem + 8 * STAGES * WST);
+    u8* sZero = reinterpret_cast<u8*>(sA + rows * lds);
+
+    auto copy_w = [&](u8* dst, const u8* Wp, const Layout& Lp, int grp) {
+        const u8* src = Wp + ((i64)nt * (K / 16) + 2 * grp) * 512;
+        cp_async16(dst + lane * 16, src + lane * 16);
+        cp_async16(dst + 512 + lane * 16, src + 512 + lane * 16);
+        if (QT == 0) {
+            if (lane < 8) cp_async16(dst + 1024 + lane * 16, Wp + Lp.gs + ((i64)nt * G + grp) * 128 + lane * 16);
+        } else if (QT == 1) {
+            if (lane < 16) cp_async16(dst + 1024 + lane * 16, Wp + Lp.gs + ((i64)nt * G + grp) * 256 + lane * 16);
+        } else {
+            if (lane < 8) {
+                cp_async16(dst + 1024 + lane * 16, Wp + Lp.gs + ((i64)nt * G + grp) * 128 + lane * 16);
+            } else if (lane < 24) {
+                cp_async16(dst + 1024 + 128 + (lane - 8) * 16,
+                           Wp + Lp.ss + ((i64)nt * (G / 8) + grp / 8) * 256 + (lane - 8) * 16);
+            }
+        }
+    };
+    // stage i of this warp: group g0 + i into ring slot i % STAGES
+    auto issue = [&](int i, int slot) {
+        if (active && i < ng) {
+            u8* dst = ring + slot * WST;
+            copy_w(dst, W, L, g0 + i);
+            if (GLU) copy_w(dst + MARLIN_WSTAGE, w1, L1, g0 + i);
+        }
+        cp_commit();
+    };
+
+#pragma unroll
+    for (int i = 0; i < STAGES - 1; ++i) issue(i, i);
+
+    // the A window: rows x kw, f16, loaded by the whole CTA while the first stages are in flight
+    if (threadIdx.x == 0) *reinterpret_cast<uint4*>(sZero) = make_uint4(0, 0, 0, 0);
+    {
+        const int cpr = kw / 8;                    // 8-element chunks per row
+        for (int c = threadIdx.x; c < rows * cpr; c += MARLIN_THREADS) {
+            const int r = c / cpr, q = c - r * cpr;
+            uint4 v;
+            if (a_f16) {
+                v = *reinterpret_cast<const uint4*>(reinterpret_cast<const half*>(Av) + (i64)(m0 + r) * lda + g0 * 32 + q * 8);
+            } else {
+                const float4* src = reinterpret_cast<const float4*>(reinterpret_cast<const float*>(Av) +
+                                                                    (i64)(m0 + r) * lda + g0 * 32 + q * 8);
+                const float4 a = src[0], b = src[1];
+                v.x = h2u(__floats2half2_rn(a.x, a.y));
+                v.y = h2u(__floats2half2_rn(a.z, a.w));
+                v.z = h2u(__floats2half2_rn(b.x, b.y));
+                v.w = h2u(__floats2half2_rn(b.z, b.w));
+            }
+            *reinterpret_cast<uint4*>(sA + r * lds + q * 8) = v;
+        }
+    }
+    __syncthreads();
+    if (!active) return;
+
+    float acc[NWT][MT][8][4];
+#pragma unroll
+    for (int w = 0; w < NWT; ++w)
+#pragma unroll
+        for (int a = 0; a < MT; ++a)
+#pragma unroll
+            for (int b = 0; b < 8; ++b)
+#pragma unroll
+                for (int cc = 0; cc < 4; ++cc) acc[w][a][b][cc] = 0.0f;
+
+    // ldmatrix row addresses of this lane (rows past M read the zero chunk)
+    u32 a_addr[MT], a_mul[MT];                     // a_mul: 2 bytes a k (0: the zero chunk, no offset)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        const int r = mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+        a_addr[mt] = r < rows ? smem_addr(sA + r * lds + (lane >> 4) * 8) : smem_addr(sZero);
+        a_mul[mt] = r < rows ? 2u : 0u;
+    }
+
+    int slot = 0, slot_in = STAGES - 1;
+    for (int i = 0; i < ng; ++i) {
+        cp_wait<STAGES - 2>();
+        __syncwarp();
+        issue(i + STAGES - 1, slot_in);
+        slot_in = slot_in + 1 == STAGES ? 0 : slot_in + 1;
+        const u8* st = ring + slot * WST;
+        slot = slot + 1 == STAGES ? 0 : slot + 1;
+        half sv[NWT][8], mv[NWT][8];
+#pragma unroll
+        for (int w = 0; w < NWT; ++w) stage_scales<QT>(st + w * MARLIN_WSTAGE, lane, sv[w], mv[w]);
+#pragma unroll
+        for (int ks = 0; ks < 2; ++ks) {
+            u32 af[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                ldmatrix_x4(af[mt], a_addr[mt] + (u32)(i * 32 + ks * 16) * a_mul[mt]);
+            }
+#pragma unroll
+            for (int w = 0; w < NWT; ++w) {
+                const uint4 wq = *reinterpret_cast<const uint4*>(st + w * MARLIN_WSTAGE + ks * 512 + lane * 16);
+                const u32 wv[4] = {wq.x, wq.y, wq.z, wq.w};
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    u32 b[4];
+                    dequant_word<QT>(wv[j], __half2half2(sv[w][2 * j]), __half2half2(mv[w][2 * j]),
+                                     __half2half2(sv[w][2 * j + 1]), __half2half2(mv[w][2 * j + 1]), b);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma_16816(acc[w][mt][2 * j], af[mt], b[0], b[1]);
+                        mma_16816(acc[w][mt][2 * j + 1], af[mt], b[2], b[3]);
+                    }
+                }
+            }
+        }
+    }
+    cp_wait<0>();
+
+    float* out = g == 0 ? o0 : (g == 1 ? o1 : o2);
+    const int ncol0 = nt * 64;
+    if (slabs == 1) {                              // the whole k range: store
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int t8 = 0; t8 < 8; ++t8)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {
+                    const int row = mt * 16 + (lane >> 2) + (r >= 2 ? 8 : 0);
+                    const int n = ncol0 + t8 * 8 + 2 * (lane & 3) + (r & 1);
+                    if (row < rows && n < N) {
+                        const i64 o = (i64)(m0 + row) * N + n;
+                        float v = acc[0][mt][t8][r];
+                        if (GLU) v = (mode == 1 ? mm_silu(v) : mm_gelu(v)) * acc[NWT - 1][mt][t8][r];
+                        else if (mode == 3) v += resid[o];
+                        out[o] = v;
+                    }
+                }
+        return;
+    }
+    // partials: part[w][slab][row][tile][64]
+    const i64 pw = (i64)slabs * M * t3 * 64;
+#pragma unroll
+    for (int w = 0; w < NWT; ++w)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int t8 = 0; t8 < 8; ++t8)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {
+                    const int row = mt * 16 + (lane >> 2) + (r >= 2 ? 8 : 0);
+                    const int col = t8 * 8 + 2 * (lane & 3) + (r & 1);
+                    if (row < rows) part[w * pw + (((i64)y * M + m0 + row) * t3 + t) * 64 + col] = acc[w][mt][t8][r];
+                }
+    __threadfence();
+    __syncwarp();
+    u32* ticket = tickets + (i64)t * gridDim.z + blockIdx.z;
+    u32 old = 0;
+    if (lane == 0) old = atomicAdd(ticket, 1u);
+    old = __shfl_sync(0xffffffffu, old, 0);
+    if (old != (u32)(slabs - 1)) return;
+    __threadfence();
+    for (int e = lane; e < rows * 64; e += 32) {
+        const int row = e >> 6, col = e & 63;
+        const int n = ncol0 + col;
+        if (n >= N) continue;
+        float v = 0.0f, u = 0.0f;
+        for (int s2 = 0; s2 < slabs; ++s2) {
+            const i64 pi = (((i64)s2 * M + m0 + row) * t3 + t) * 64 + col;
+            v += __ldcg(part + pi);
+            if (GLU) u += __ldcg(part + pw + pi);
+        }
+        const i64 o = (i64)(m0 + row) * N + n;
+        if (GLU) v = (mode == 1 ? mm_silu(v) : mm_gelu(v)) * u;
+        else if (mode == 3) v += resid[o];
+        out[o] = v;
+    }
+    if (lane == 0) *ticket = 0u;                   // ready for the next replay
+}
+
+#define MARLIN_ARGS                                                                                   \
+    const u8 *w0, const u8 *w1, const u8 *w2, float *o0, float *o1, float *o2, int N0, int N1, int N2, \
+        int t1, int t2, int t3, const void *A, int a_f16, int M, int K, int lda, const float *resid,      \
+        int mode, int slabs, float *part, u32 *tickets
+#define MARLIN_PASS w0, w1, w2, o0, o1, o2, N0, N1, N2, t1, t2, t3, A, a_f16, M, K, lda, resid, mode, slabs, part, tickets
+
+// marlin_<type>_m<MT>[_glu]: 16*MT rows of A per tile
+#define MARLIN_KERNEL(QT, QN, MT, GLU, GN, STAGES, MINB)                                              \
+    extern "C" __global__ void __launch_bounds__(MARLIN_THREADS, MINB)                                \
+        marlin_##QN##_m##MT##GN(MARLIN_ARGS) {                                                        \
+        marlin_main<QT, MT, GLU, STAGES>(MARLIN_PASS);                                                \
+    }
+
+#define MARLIN_TYPE(QT, QN)                          \
+    MARLIN_KERNEL(QT, QN, 1, false, , 4, 2)          \
+    MARLIN_KERNEL(QT, QN, 1, true, _glu, 4, 2)       \
+    MARLIN_KERNEL(QT, QN, 2, false, , 4, 2)          \
+    MARLIN_KERNEL(QT, QN, 2, true, _glu, 4, 1)       \
+    MARLIN_KERNEL(QT, QN, 4, false, , 4, 1)
+
+MARLIN_TYPE(0, q4_0)
+MARLIN_TYPE(1, q4_1)
+MARLIN_TYPE(2, q4_k)
+
+// -- repacking GGUF blocks into the layout (at load), and reading it back ------------------------
+
+// code (0..15) of element (n, k) of a GGUF row-major tensor of K columns
+__device__ __forceinline__ u32 gguf_code(const u8* src, int type, int K, int n, int k) {
+    if (type == 12) {                                  // Q4_K: 144-byte blocks of 256
+        const u8* blk = src + ((i64)n * (K / 256) + k / 256) * 144;
+        const int e = k & 255, c = e >> 6, h = (e >> 5) & 1, l = e & 31;
+        const u8 b = blk[16 + c * 32 + l];
+        return h ? (b >> 4) : (b & 15);
+    }
+    const int bs = type == 2 ? 18 : 20;                // Q4_0: d + 16; Q4_1: d + m + 16
+    const u8* blk = src + ((i64)n * (K / 32) + k / 32) * bs;
+    const int e = k & 31;
+    const u8 b = blk[bs - 16 + (e & 15)];
+    return e < 16 ? (b & 15) : (b >> 4);
+}
+
+// One thread per (tile, k-step, lane): the lane's four words.
+extern "C" __global__ void marlin_repack_codes(const u8* __restrict__ src, u32* __restrict__ qw, int type,
+                                               int N, int K) {
+    const int KS = K / 16, NT = (N + 63) / 64;
+    const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (i64)NT * KS * 32) return;
+    const int t = (int)(i & 31);
+    const i64 ts = i >> 5;
+    const int ks = (int)(ts % KS), nt = (int)(ts / KS);
+    uint4 out;
+    u32* o = reinterpret_cast<u32*>(&out);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        u32 w = 0;
+#pragma unroll
+        for (int b = 0; b < 8; ++b) {
+            const int c = j * 16 + (t >> 2) + 8 * ((b & 3) >> 1);
+            const int k = ks * 16 + 2 * (t & 3) + (b >> 2) + 8 * (b & 1);
+            const int n = nt * 64 + c;
+            if (n < N) w |= gguf_code(src, type, K, n, k) << (4 * b);
+        }
+        o[j] = w;
+    }
+    reinterpret_cast<uint4*>(qw)[i] = out;
+}
+
+__device__ __forceinline__ int lane_slot(int c) { return (c & 7) * 8 + (c >> 4) * 2 + ((c & 15) >> 3); }
+
+// get_scale_min_k4 of llama.cpp's Q4_K: sub-block j's 6-bit scale and min from the 12 packed bytes
+__device__ __forceinline__ void q4k_scale_min(const u8* q, int j, u32* sc, u32* mn) {
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *mn = q[j + 4] & 63;
+    } else {
+        *sc = (q[j + 4] & 15) | ((q[j - 4] >> 6) << 4);
+        *mn = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+// One thread per (column, group): the group scales (and, on a Q4_K superblock's first group, d/dmin).
+extern "C" __global__ void marlin_repack_scales(const u8* __restrict__ src, u8* __restrict__ dst, int type,
+                                                int N, int K, long long gs_off, long long ss_off) {
+    const int G = K / 32, NT = (N + 63) / 64;
+    const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (i64)NT * 64 * G) return;
+    const int grp = (int)(i % G);
+    const int n = (int)(i / G);
+    const int nt = n >> 6, c = n & 63, slot = lane_slot(c);
+    const bool real = n < N;
+    if (type == 2 || type == 3) {
+        const int bs = type == 2 ? 18 : 20;
+        const unsigned short* blk = reinterpret_cast<const unsigned short*>(src + ((i64)n * G + grp) * bs);
+        unsigned short* gsd = reinterpret_cast<unsigned short*>(dst + gs_off);
+        if (type == 2) {
+            gsd[((i64)nt * G + grp) * 64 + slot] = real ? blk[0] : 0;
+        } else {
+            gsd[((i64)nt * G + grp) * 128 + slot] = real ? blk[0] : 0;
+            gsd[((i64)nt * G + grp) * 128 + 64 + slot] = real ? blk[1] : 0;
+        }
+        return;
+    }
+    // Q4_K
+    const int sb = grp / 8, j = grp % 8;
+    const u8* blk = src + ((i64)n * (K / 256) + sb) * 144;
+    u32 sc = 0, mn = 0;
+    if (real) q4k_scale_min(blk + 4, j, &sc, &mn);
+    u8* gs = dst + gs_off + ((i64)nt * G + grp) * 128 + (slot >> 3) * 16 + (slot & 7);
+    gs[0] = (u8)sc;
+    gs[8] = (u8)mn;
+    if (j == 0) {
+        const unsigned short* h = reinterpret_cast<const unsigned short*>(blk);
+        unsigned short* ss = reinterpret_cast<unsigned short*>(dst + ss_off + ((i64)nt * (K / 256) + sb) * 256 +
+                                                             (slot >> 3) * 32);
+        ss[slot & 7] = real ? h[0] : 0;
+        ss[8 + (slot & 7)] = real ? h[1] : 0;
+    }
+}
+
+// Element (n, k) of the repacked weight as float, with the NumPy reference's f32 arithmetic.
+template <int QT>
+__device__ __forceinline__ void marlin_group_values(const u8* W, int N, int K, int n, int grp, float* v) {
+    const Layout L = layout_of<QT>(N, K);
+    const int G = L.groups;
+    const int nt = n >> 6, c = n & 63, slot = lane_slot(c);
+    const int h = (c & 15) >> 3, j = c >> 4;
+    const u32* qw = reinterpret_cast<const u32*>(W);
+    float s, m = 0.0f;
+    float ds = 0.0f, dm = 0.0f;
+    if (QT == 0) {
+        s = __half2float(reinterpret_cast<const half*>(W + L.gs)[((i64)nt * G + grp) * 64 + slot]);
+    } else if (QT == 1) {
+        const half* p = reinterpret_cast<const half*>(W + L.gs) + ((i64)nt * G + grp) * 128;
+        s = __half2float(p[slot]);
+        m = __half2float(p[64 + slot]);
+    } else {
+        const u8* p = W + L.gs + ((i64)nt * G + grp) * 128 + (slot >> 3) * 16 + (slot & 7);
+        const half* q = reinterpret_cast<const half*>(W + L.ss + ((i64)nt * (G / 8) + grp / 8) * 256 + (slot >> 3) * 32);
+        ds = __fmul_rn(__half2float(q[slot & 7]), (float)p[0]);
+        dm = __fmul_rn(__half2float(q[8 + (slot & 7)]), (float)p[8]);
+        s = ds;
+    }
+#pragma unroll
+    for (int ks = 0; ks < 2; ++ks) {
+#pragma unroll
+        for (int tq = 0; tq < 4; ++tq) {
+            const int t = (c & 7) * 4 + tq;
+            const u32 w = qw[(((i64)nt * (K / 16) + 2 * grp + ks) * 32 + t) * 4 + j];
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+#pragma unroll
+                for (int hi8 = 0; hi8 < 2; ++hi8) {
+                    const int b = 2 * h + hi8 + 4 * e;
+                    const float q = (float)((w >> (4 * b)) & 15);
+                    float x;
+                    if (QT == 0) x = __fmul_rn(q - 8.0f, s);
+                    else if (QT == 1) x = __fadd_rn(__fmul_rn(q, s), m);
+                    else x = __fsub_rn(__fmul_rn(q, ds), dm);
+                    v[ks * 16 + 2 * tq + e + 8 * hi8] = x;
+                }
+        }
+    }
+}
+
+template <int QT>
+__device__ __forceinline__ void marlin_getrows_body(const u8* W, const int* ids, float* out, int n_ids, int N, int K) {
+    const int G = K / 32;
+    const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (i64)n_ids * G) return;
+    const int r = (int)(i / G), grp = (int)(i % G);
+    const int n = min(max(ids[r], 0), N - 1);
+    float v[32];
+    marlin_group_values<QT>(W, N, K, n, grp, v);
+    float4* o = reinterpret_cast<float4*>(out + (i64)r * K + grp * 32);
+#pragma unroll
+    for (int q = 0; q < 8; ++q) o[q] = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
+}
+
+// One thread per (tile, k-step, lane) of the tiles holding rows n0 .. n0 + rows (n0 % 64 == 0): its
+// 16 bytes of codes become 32 f16 values with the GEMM's own dequantization (f16 arithmetic).
+template <int QT>
+__device__ __forceinline__ void marlin_deq16_body(const u8* W, half* out, int N, int K, int n0, int rows) {
+    const Layout L = layout_of<QT>(N, K);
+    const int KS = K / 16, G = L.groups;
+    const int ntr = (rows + 63) / 64;
+    const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (i64)ntr * KS * 32) return;
+    const int t = (int)(i & 31);
+    const i64 ts = i >> 5;
+    const int ks = (int)(ts % KS), nt = n0 / 64 + (int)(ts / KS);
+    const int grp = ks / 2;
+    half sv[8], mv[8];
+    lane_scales<QT>(W + L.gs + ((i64)nt * G + grp) * (QT == 1 ? 256 : 128),
+                    W + L.ss + ((i64)nt * (G / 8) + grp / 8) * 256, t, sv, mv);
+    const uint4 wq = reinterpret_cast<const uint4*>(W)[((i64)nt * KS + ks) * 32 + t];
+    const u32 wv[4] = {wq.x, wq.y, wq.z, wq.w};
+    const int k = ks * 16 + 2 * (t & 3);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        u32 b[4];
+        dequant_word<QT>(wv[j], __half2half2(sv[2 * j]), __half2half2(mv[2 * j]),
+                         __half2half2(sv[2 * j + 1]), __half2half2(mv[2 * j + 1]), b);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int n = nt * 64 + j * 16 + (t >> 2) + 8 * h;
+            const int r = n - n0;
+            if (r < rows && n < N) {
+                u32* o = reinterpret_cast<u32*>(out + (i64)r * K + k);
+                o[0] = b[2 * h];
+                o[4] = b[2 * h + 1];
+            }
+        }
+    }
+}
+
+#define MARLIN_AUX(QT, QN)                                                                                 \
+    extern "C" __global__ void marlin_getrows_##QN(const u8* W, const int* ids, float* out, int n_ids, int N, \
+                                                   int K) {                                                 \
+        marlin_getrows_body<QT>(W, ids, out, n_ids, N, K);                                                  \
+    }                                                                                                       \
+    extern "C" __global__ void marlin_deq16_##QN(const u8* W, half* out, int N, int K, int n0, int rows) {  \
+        marlin_deq16_body<QT>(W, out, N, K, n0, rows);                                                      \
+    }
+
+MARLIN_AUX(0, q4_0)
+MARLIN_AUX(1, q4_1)
+MARLIN_AUX(2, q4_k)

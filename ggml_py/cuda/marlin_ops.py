@@ -1,0 +1,341 @@
+"""Marlin-style W4A16 GEMM for Q4_0 / Q4_1 / Q4_K weights (kernels in ``marlin.cu``).
+
+At load, ``repack(dw)`` turns a GGUF-block ``DeviceWeight`` into a ``MarlinWeight``: the same
+matrix in the tensor-core layout of ``quant_formats/marlin.py`` (two repack kernels, then the
+GGUF copy is dropped: one copy of the weight stays on the GPU).
+
+``plan_gemm(ws, M, a_dtype=...)`` chooses a kernel and a k-split for ``out_g (M, N_g) = A (M, K)
+@ W_g.T`` over one to three weights of one type and K (q/k/v), optionally as a gate/up pair
+with swiglu/geglu (``glu=``) or with a residual add (``residual=True``); ``.bind(a, outs,
+stream, resid=None)`` returns a zero-argument launch (graph-capturable: nothing is allocated
+or synchronised at run time; partial sums and self-resetting tickets are allocated at plan time).
+
+Kernel variants ``marlin_<type>_m<MT>[_glu]``: each warp computes a (16*MT) x 64 tile over one
+k-slab; A may be f32 (the engine's activations: the kernel converts its window to f16 in shared
+memory, so decode needs no cast launch) or f16. ``choose_slabs`` picks the k-split.
+
+``plan_dequant16`` / ``plan_get_rows``: the repacked weight as f16 rows (the prefill GEMM's
+dequantize-to-f16 + cuBLAS path, kept for large M) or f32 rows (embedding lookups).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Callable
+
+import numpy as np
+
+from quant_formats.marlin import TYPES, MarlinLayout
+
+from .compile import load_module
+
+_NAMES = {2: "q4_0", 3: "q4_1", 12: "q4_k"}
+THREADS = 256
+STAGES = 4
+WSTAGE = 1408
+SMEM_LIMIT = 225 * 1024          # Hopper's 227 KB per block, less the static shared memory
+_MODES = {None: 0, "swiglu": 1, "geglu": 2}
+
+
+@dataclass(eq=False)
+class MarlinWeight:
+    """A 4-bit weight in the Marlin layout on the GPU (``data``: cupy.uint8, ``layout.nbytes``)."""
+    ggml_type: int
+    shape: tuple[int, int]
+    data: Any
+    nbytes: int
+    name: str = ""
+    _plans: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def layout(self) -> MarlinLayout:
+        return MarlinLayout(self.ggml_type, self.shape[0], self.shape[1])
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0]
+
+    @property
+    def cols(self) -> int:
+        return self.shape[1]
+
+
+def eligible(ggml_type: int, shape: tuple[int, ...]) -> bool:
+    """Whether a weight of this type and (N, K) shape can be repacked."""
+    if int(ggml_type) not in TYPES or len(shape) != 2:
+        return False
+    qk = 256 if int(ggml_type) == 12 else 32
+    return shape[0] >= 1 and shape[1] >= qk and shape[1] % qk == 0
+
+
+@lru_cache(maxsize=None)
+def _module():
+    return load_module("marlin")
+
+
+_fns: dict[tuple[str, int], Any] = {}
+
+
+def _function(name: str, smem: int = 0) -> Any:
+    """Kernel ``name`` as a callable (grid, block, args, shared_mem, stream)."""
+    key = (name, smem > 48 * 1024)
+    fn = _fns.get(key)
+    if fn is None:
+        raw = _module().get_function(name)
+        if smem > 48 * 1024:
+            raw.max_dynamic_shared_size_bytes = SMEM_LIMIT
+        try:
+            from cupy.cuda.function import Function
+            fn = raw.kernel
+            if not isinstance(fn, Function):
+                raise AttributeError
+        except (AttributeError, ImportError):
+            def fn(grid, block, args, shared_mem, stream, _raw=raw):
+                if stream is None:
+                    _raw(grid, block, args, shared_mem=shared_mem)
+                else:
+                    with stream:
+                        _raw(grid, block, args, shared_mem=shared_mem)
+        _fns[key] = fn
+    return fn
+
+
+def _grid1(n: int, block: int = 256) -> tuple[int]:
+    return (max(1, -(-n // block)),)
+
+
+# -- repacking -------------------------------------------------------------------------------------
+
+def repack(dw, stream=None) -> MarlinWeight:
+    """A ``DeviceWeight`` of GGUF blocks (Q4_0/Q4_1/Q4_K, 2-D) -> a ``MarlinWeight``. The caller
+    drops ``dw`` afterwards; both exist only during this call."""
+    import cupy
+    t = int(dw.ggml_type)
+    n, k = (int(d) for d in dw.shape)
+    lay = MarlinLayout(t, n, k)
+    out = cupy.zeros(lay.nbytes, cupy.uint8)
+    cs = cupy.cuda.get_current_stream() if stream is None else stream
+    nthreads = lay.nt * (k // 16) * 32
+    _function("marlin_repack_codes")(_grid1(nthreads), (256,), (dw.data, out, np.int32(t), np.int32(n), np.int32(k)),
+                                     0, cs)
+    nthreads = lay.nt * 64 * lay.groups
+    _function("marlin_repack_scales")(_grid1(nthreads), (256,),
+                                      (dw.data, out, np.int32(t), np.int32(n), np.int32(k),
+                                       np.int64(lay.gs_offset), np.int64(lay.ss_offset)), 0, cs)
+    return MarlinWeight(t, (n, k), out, lay.nbytes, getattr(dw, "name", ""))
+
+
+# -- the GEMM ----------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=1)
+def sm_count() -> int:
+    import cupy
+    try:
+        return int(cupy.cuda.Device().attributes["MultiProcessorCount"])
+    except Exception:
+        return 132
+
+
+def _config(M: int) -> int:
+    """MT: rows of A per tile are 16 * MT."""
+    return 1 if M <= 16 else (2 if M <= 32 else 4)
+
+
+# compiled variants (marlin.cu MARLIN_TYPE): (MT, glu) -> (pipeline stages, CTAs per SM the
+# registers allow)
+_VARIANTS = {(1, False): (4, 3), (1, True): (4, 2), (2, False): (4, 2), (2, True): (4, 1), (4, False): (4, 1)}
+MTS = (1, 2, 4)
+WINDOW_MAX = 64 << 10                  # bytes of the f16 A window a CTA keeps in shared memory
+_ITEM_OVERHEAD = 6                     # fixed cost of a warp's item, in groups (latency, epilogue)
+
+
+def _smem_bytes(MT: int, glu: bool, rows: int, kw: int) -> int:
+    stages = _VARIANTS[(MT, glu)][0]
+    return 8 * stages * WSTAGE * (2 if glu else 1) + rows * (kw + 8) * 2 + 16
+
+
+def _ctas_per_sm(MT: int, glu: bool, smem: int) -> int:
+    by_regs = _VARIANTS[(MT, glu)][1]
+    by_smem = max(1, (228 * 1024) // (smem + 1024))
+    return max(1, min(by_regs, by_smem))
+
+
+def choose_slabs(tiles: int, m_tiles: int, groups: int, rows: int, MT: int, glu: bool, sms: int) -> int:
+    """The k-split: fewest waves x (groups per warp + a fixed cost), within the A window's size."""
+    best, best_cost = None, None
+    for s in range(1, groups + 1):
+        kw = -(-groups // s) * 32
+        if rows * (kw + 8) * 2 > WINDOW_MAX:
+            continue
+        ctas = -(-tiles // 8) * s * m_tiles
+        slots = sms * _ctas_per_sm(MT, glu, _smem_bytes(MT, glu, rows, kw))
+        cost = -(-ctas // slots) * (-(-groups // s) + _ITEM_OVERHEAD) + (0.5 * s if s > 1 else 0)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = s, cost
+        if ctas >= 4 * slots:
+            break
+    return best or groups
+
+
+class MarlinPlan:
+    """out_g (M, N_g) = A (M, K) @ W_g.T for 1-3 MarlinWeights, chosen once.
+
+    slabs: the k-split (default: choose_slabs); config: MT (rows per tile = 16 * MT)."""
+
+    def __init__(self, ws, M: int, *, a_dtype: str = "f32", glu: str | None = None, residual: bool = False,
+                 slabs: int | None = None, config: int | None = None) -> None:
+        import cupy
+        ws = tuple(ws)
+        if not 1 <= len(ws) <= 3 or not all(isinstance(w, MarlinWeight) for w in ws):
+            raise ValueError("plan_gemm: one to three MarlinWeights")
+        t, K = ws[0].ggml_type, ws[0].cols
+        if any(w.ggml_type != t or w.cols != K for w in ws):
+            raise ValueError("plan_gemm: the weights of one launch need one type and one K")
+        if glu not in _MODES:
+            raise ValueError(f"plan_gemm: unknown glu {glu!r}")
+        if glu is not None and (len(ws) != 2 or ws[0].shape != ws[1].shape):
+            raise ValueError("plan_gemm: glu needs a (gate, up) pair of one shape")
+        if residual and (len(ws) != 1 or glu is not None):
+            raise ValueError("plan_gemm: a residual add takes one weight")
+        if a_dtype not in ("f32", "f16"):
+            raise ValueError(f"plan_gemm: a_dtype must be 'f32' or 'f16', got {a_dtype!r}")
+        self.ws, self.M, self.K, self.type = ws, int(M), K, t
+        self.a_dtype, self.glu, self.residual = a_dtype, glu, bool(residual)
+        self.mode = 3 if residual else _MODES[glu]
+        MT = int(config or _config(self.M))
+        if glu is not None and MT == 4:
+            MT = 2                                   # no 4-tile glu kernel: more row tiles instead
+        if (MT, glu is not None) not in _VARIANTS:
+            raise ValueError(f"no Marlin kernel for MT={MT}{', glu' if glu else ''}")
+        self.MT = MT
+        self.kernel_name = f"marlin_{_NAMES[t]}_m{MT}{'_glu' if glu else ''}"
+        self.m_tiles = -(-self.M // (16 * MT))
+        rows = min(self.M, 16 * MT)
+        tiles = [-(-w.rows // 64) for w in (ws[:1] if glu else ws)]
+        self.t_cum = np.cumsum(tiles + [0] * (3 - len(tiles))).tolist()
+        T, G = self.t_cum[2], K // 32
+        self.slabs = int(slabs) if slabs else choose_slabs(T, self.m_tiles, G, rows, MT, glu is not None,
+                                                           sm_count())
+        if not 1 <= self.slabs <= G:
+            raise ValueError(f"Marlin: slabs must be in 1..{G}")
+        kw = -(-G // self.slabs) * 32
+        self.smem = _smem_bytes(MT, glu is not None, rows, kw)
+        if self.smem > SMEM_LIMIT:
+            raise ValueError(f"Marlin: {self.smem} bytes of shared memory needed; use more slabs")
+        self.grid = (-(-T // 8), self.slabs, self.m_tiles)
+        nwt = 2 if glu else 1
+        self.part = cupy.empty(nwt * self.slabs * self.M * T * 64, cupy.float32) if self.slabs > 1 else None
+        self.tickets = cupy.zeros(T * self.m_tiles, cupy.uint32)
+        self._kern = _function(self.kernel_name, self.smem)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(w.nbytes for w in self.ws)
+
+    def __call__(self, a, outs, stream=None, resid=None) -> None:
+        self.bind(a, outs, stream, resid)()
+
+    def bind(self, a, outs, stream=None, resid=None) -> Callable[[], None]:
+        import cupy
+        M, K = self.M, self.K
+        want = np.float16 if self.a_dtype == "f16" else np.float32
+        if a.dtype != want or a.ndim != 2 or a.shape[0] != M or a.shape[1] != K:
+            raise ValueError(f"Marlin: A must be ({M}, {K}) {np.dtype(want).name}, got {a.dtype} {a.shape}")
+        if a.strides[1] != a.itemsize or a.strides[0] % 16 or a.data.ptr % 16:
+            raise ValueError("Marlin: A rows must be contiguous and 16-byte aligned")
+        lda = a.strides[0] // a.itemsize
+        outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
+        n_out = 1 if self.glu else len(self.ws)
+        if len(outs) != n_out:
+            raise ValueError(f"Marlin: {n_out} outputs expected, got {len(outs)}")
+        for g, o in enumerate(outs):
+            N = self.ws[g].rows
+            if o.dtype != np.float32 or tuple(o.shape) != (M, N) or not o.flags.c_contiguous:
+                raise ValueError(f"Marlin: out[{g}] must be a contiguous ({M}, {N}) float32 array")
+        if self.residual:
+            if resid is None or resid.dtype != np.float32 or tuple(resid.shape) != (M, self.ws[0].rows) \
+                    or not resid.flags.c_contiguous:
+                raise ValueError("Marlin: resid must be a contiguous float32 array of out's shape")
+        cs = stream if stream is not None else cupy.cuda.get_current_stream()
+        ws = list(self.ws) + [None] * (3 - len(self.ws))
+        os_ = outs + [None] * (3 - len(outs))
+        Ns = [0 if w is None else w.rows for w in ws]
+        t1, t2, t3 = self.t_cum
+        args = (ws[0].data, None if ws[1] is None else ws[1].data, None if ws[2] is None else ws[2].data,
+                os_[0], os_[1], os_[2], np.int32(Ns[0]), np.int32(Ns[1]), np.int32(Ns[2]),
+                np.int32(t1), np.int32(t2), np.int32(t3), a, np.int32(1 if self.a_dtype == "f16" else 0),
+                np.int32(M), np.int32(K), np.int32(lda), resid if self.residual else None, np.int32(self.mode),
+                np.int32(self.slabs), self.part, self.tickets)
+        kern, grid, smem = self._kern, self.grid, self.smem
+        return lambda: kern(grid, (THREADS,), args, smem, cs)
+
+
+def plan_gemm(ws, M: int, **kw) -> MarlinPlan:
+    """A MarlinPlan (cached on the first weight for the default choices)."""
+    ws = tuple(ws) if isinstance(ws, (list, tuple)) else (ws,)
+    if kw.get("slabs") is None and kw.get("config") is None:
+        key = ("gemm", tuple(id(w) for w in ws), int(M), kw.get("a_dtype", "f32"), kw.get("glu"),
+               bool(kw.get("residual", False)))
+        p = ws[0]._plans.get(key)
+        if p is None:
+            p = ws[0]._plans[key] = MarlinPlan(ws, M, **kw)
+        return p
+    return MarlinPlan(ws, M, **kw)
+
+
+# -- reading the layout back ----------------------------------------------------------------------
+
+def plan_get_rows(w: MarlinWeight, ids, out, stream=None) -> Callable[[], None]:
+    """out (n, K) f32 = rows ids (n,) of w, ids clamped to [0, N)."""
+    import cupy
+    n = int(ids.shape[0])
+    N, K = w.shape
+    if out.dtype != np.float32 or tuple(out.shape) != (n, K) or not out.flags.c_contiguous or out.data.ptr % 16:
+        raise ValueError(f"get_rows: out must be a contiguous 16-byte aligned ({n}, {K}) float32 array")
+    if n == 0:
+        return lambda: None
+    fn = _function(f"marlin_getrows_{_NAMES[w.ggml_type]}")
+    cs = stream if stream is not None else cupy.cuda.get_current_stream()
+    args = (w.data, ids, out, np.int32(n), np.int32(N), np.int32(K))
+    grid = _grid1(n * (K // 32), 128)
+    return lambda: fn(grid, (128,), args, 0, cs)
+
+
+def plan_dequant16(w: MarlinWeight, out16, n0: int, rows: int, stream=None) -> Callable[[], None]:
+    """out16 (rows, K) f16 = rows n0..n0+rows of w (n0 a multiple of 64; the prefill GEMM's tile),
+    dequantized in f16 arithmetic as the GEMM does."""
+    import cupy
+    N, K = w.shape
+    if out16.dtype != np.float16 or out16.size < rows * K or out16.data.ptr % 16:
+        raise ValueError("dequant16: out must hold rows*K 16-byte aligned float16 values")
+    if n0 % 64:
+        raise ValueError("dequant16: n0 must be a multiple of 64")
+    fn = _function(f"marlin_deq16_{_NAMES[w.ggml_type]}")
+    cs = stream if stream is not None else cupy.cuda.get_current_stream()
+    args = (w.data, out16, np.int32(N), np.int32(K), np.int32(n0), np.int32(rows))
+    grid = _grid1(-(-rows // 64) * (K // 16) * 32, 128)
+    return lambda: fn(grid, (128,), args, 0, cs)
+
+
+def enabled() -> str:
+    """GGFLAT_MARLIN: "auto" (default: repack weights of at least MIN_BYTES), "all", or "off"."""
+    v = os.environ.get("GGFLAT_MARLIN", "auto").strip().lower()
+    return {"0": "off", "false": "off", "no": "off", "1": "all", "on": "all"}.get(v, v)
+
+
+# Weights smaller than this keep their GGUF blocks and the fused GEMV kernels of quant.cu: for
+# SmolLM2/Gemma-sized matrices (< 2 MB) a launch's fixed cost dominates and the grouped GEMVs
+# (norm, rope and glu folded in) are the faster path.
+MIN_BYTES = 2 << 20
+
+
+def should_repack(ggml_type: int, shape: tuple[int, ...], nbytes: int) -> bool:
+    mode = enabled()
+    if mode == "off" or not eligible(ggml_type, tuple(shape)):
+        return False
+    return mode == "all" or nbytes >= MIN_BYTES
+
+
+__all__ = ["MarlinWeight", "MarlinPlan", "eligible", "repack", "plan_gemm", "plan_get_rows", "plan_dequant16",
+           "should_repack", "enabled", "MIN_BYTES"]

@@ -1,0 +1,314 @@
+"""The Marlin layout and W4A16 GEMM (quant_formats/marlin.py, ggml_py/cuda/marlin.cu, marlin_ops.py).
+
+CPU (always): repack -> unpack gives the GGUF bytes back exactly, for every type, odd N and
+several K; the layout's dequantization equals quant_formats.dequantize bit for bit; the
+fragment mapping puts each code where the mma B fragment expects it.
+GPU (skipped without CuPy and a device): the repack kernels produce the NumPy layout byte for
+byte; the GEMM for every type x M in {1, 2, 3, 8, 16, 17, 64, 100, 512} x odd and large K, N,
+f32 and f16 A, forced k-splits (one slab: direct stores; several: partials + tickets), grouped weights, gate/up + swiglu/geglu and residual epilogues,
+against ``A @ W.T`` in float64 (NMSE <= 5e-4); get_rows and the f16 dequantization; the
+engine's mul_mat on repacked weights; a CUDA-graph capture replayed with new inputs (the
+split-K tickets reset themselves).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from quant_formats import dequantize, quantize, random_blocks, tensor_nbytes
+from quant_formats import marlin as mq
+
+TYPES = {2: "Q4_0", 3: "Q4_1", 12: "Q4_K"}
+NMSE = 5e-4
+
+
+def _seed() -> int:
+    return int(np.random.SeedSequence().entropy % (1 << 32))
+
+
+def _raw(rng, t, shape, quantized=True):
+    """Raw GGUF bytes: quantized Gaussians (realistic scales) or random valid blocks."""
+    if quantized:
+        w = rng.standard_normal(shape).astype(np.float32) * np.float32(rng.uniform(0.05, 1.0))
+        return np.ascontiguousarray(quantize(w, t)).reshape(-1).view(np.uint8)
+    return random_blocks(rng, t, shape, -0.05, 0.05).reshape(-1)
+
+
+def _shapes(t):
+    if t == 12:
+        return [(1, 256), (65, 512), (191, 1024), (300, 2304)]
+    return [(1, 32), (63, 96), (129, 576), (200, 1056)]
+
+
+def _nmse(a, ref):
+    a = np.asarray(a, np.float64)
+    if not np.isfinite(a).all():
+        return float("inf")
+    den = float((ref * ref).sum())
+    return float(((a - ref) ** 2).sum()) / (den if den > 0 else 1.0)
+
+
+# -- CPU ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("t", TYPES, ids=TYPES.get)
+def test_round_trip_exact(t):
+    seed = _seed()
+    rng = np.random.default_rng(seed)
+    for shape in _shapes(t):
+        raw = rng.integers(0, 256, tensor_nbytes(t, shape), dtype=np.uint8)    # every bit pattern
+        buf = mq.repack(raw, t, shape)
+        assert buf.size == mq.MarlinLayout(t, *shape).nbytes
+        back = mq.unpack(buf, t, shape)
+        assert np.array_equal(back.reshape(-1), raw), f"{TYPES[t]} {shape} seed {seed}"
+        ref = dequantize(raw, t, shape)
+        got = mq.dequantize(buf, t, shape)
+        fin = np.isfinite(ref)
+        assert np.array_equal(fin, np.isfinite(got)) and np.array_equal(ref[fin], got[fin]), \
+            f"{TYPES[t]} {shape} seed {seed}: layout dequantization differs"
+
+
+def test_layout_sizes():
+    # Q4_0 with N a multiple of 64: exactly GGUF's bytes (16 of codes + 2 of scale per 32)
+    assert mq.MarlinLayout(2, 4096, 4096).nbytes == tensor_nbytes(2, (4096, 4096))
+    assert mq.MarlinLayout(3, 14336, 4096).nbytes == tensor_nbytes(3, (14336, 4096))
+    lay = mq.MarlinLayout(12, 4096, 4096)      # Q4_K: sub-block scales one per byte (+2.8%)
+    assert lay.nbytes == 4096 * 16 * 148
+    with pytest.raises(ValueError):
+        mq.MarlinLayout(12, 10, 100)
+    with pytest.raises(ValueError):
+        mq.MarlinLayout(8, 64, 64)
+
+
+def test_fragment_mapping():
+    """A one-hot code lands in the word, lane and nibble that mma.m16n8k16's B fragment names:
+    lane t holds column t//4 of each n8 tile, rows 2(t%4)+{0,1} (register 0) and +8 (register 1)."""
+    t, shape = 2, (64, 32)
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        n, k = int(rng.integers(64)), int(rng.integers(32))
+        blk = np.zeros(shape[0], np.dtype([("d", "<f2"), ("qs", "u1", 16)]))   # one Q4_0 block a row
+        blk["d"] = 1.0
+        blk["qs"] = 0x88                             # code 8 everywhere
+        blk["qs"][n, k % 16] = (0x89 if k < 16 else 0x98)
+        raw = blk.view(np.uint8).reshape(-1)
+        words = mq.repack(raw, t, shape)[:2 * 512].view(np.uint32).reshape(2, 32, 4)
+        ks, kk = divmod(k, 16)
+        j, c16 = divmod(n, 16)
+        h, col = divmod(c16, 8)                    # n8 tile 2j + h, column col inside it
+        lane = col * 4 + (kk % 8) // 2
+        reg = kk // 8                              # b0 (rows 0-7) or b1 (rows 8-15)
+        elem = kk % 2                              # low or high half of the f16x2 register
+        # nibble i -> register order of dequant_word: (lo0, hi0, lo1, hi1) for i = 0..3 (+4: high half)
+        nib = 2 * h + reg + 4 * elem
+        got = (words[ks, lane, j] >> (4 * nib)) & 0xF
+        assert got == 9, (n, k)
+        others = words.copy()
+        others[ks, lane, j] = (others[ks, lane, j] & ~np.uint32(0xF << (4 * nib))) | np.uint32(8 << (4 * nib))
+        assert np.all(((others[..., None] >> (4 * np.arange(8, dtype=np.uint32))) & 0xF) == 8)
+
+
+def test_eligibility():
+    from ggml_py.cuda import marlin_ops as mo
+    assert mo.eligible(2, (4096, 4096)) and mo.eligible(12, (10, 256))
+    assert not mo.eligible(12, (10, 128)) and not mo.eligible(8, (64, 64)) and not mo.eligible(2, (64,))
+    assert mo.should_repack(2, (4096, 4096), 9 << 20) and not mo.should_repack(2, (64, 64), 2304)
+
+
+# -- GPU ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cp():
+    cupy = pytest.importorskip("cupy")
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            pytest.skip("no CUDA device")
+    except Exception as e:
+        pytest.skip(f"no CUDA device ({e})")
+    return cupy
+
+
+@pytest.fixture(scope="module")
+def mo(cp):
+    from ggml_py.cuda import marlin_ops
+    marlin_ops._module()
+    return marlin_ops
+
+
+def _device_weight(cp, t, raw, shape, name="w"):
+    from ggml_py.cuda.quant_ops import DeviceWeight
+    d = cp.asarray(raw)
+    return DeviceWeight(t, tuple(shape), d, int(raw.size), name)
+
+
+def _marlin(cp, mo, t, raw, shape):
+    mw = mo.repack(_device_weight(cp, t, raw, shape))
+    cp.cuda.get_current_stream().synchronize()
+    return mw
+
+
+@pytest.mark.parametrize("t", TYPES, ids=TYPES.get)
+def test_gpu_repack_matches_numpy(cp, mo, t):
+    seed = _seed()
+    rng = np.random.default_rng(seed)
+    for shape in _shapes(t):
+        raw = rng.integers(0, 256, tensor_nbytes(t, shape), dtype=np.uint8)
+        mw = _marlin(cp, mo, t, raw, shape)
+        assert np.array_equal(cp.asnumpy(mw.data), mq.repack(raw, t, shape)), f"{TYPES[t]} {shape} seed {seed}"
+
+
+M_LIST = (1, 2, 3, 8, 16, 17, 64, 100, 512)
+
+
+@pytest.mark.parametrize("t", TYPES, ids=TYPES.get)
+def test_gemm(cp, mo, t):
+    seed = _seed()
+    rng = np.random.default_rng(seed)
+    for shape in _shapes(t)[1:] + [(4096 + 64 * 3 + 5, 2048)]:
+        raw = _raw(rng, t, shape)
+        ref_w = dequantize(raw, t, shape).astype(np.float64)
+        mw = _marlin(cp, mo, t, raw, shape)
+        for M in M_LIST:
+            a = rng.standard_normal((M, shape[1])).astype(np.float32)
+            ref = a.astype(np.float64) @ ref_w.T
+            for a_dtype in ("f32", "f16"):
+                p = mo.plan_gemm(mw, M, a_dtype=a_dtype)
+                out = cp.full((M, shape[0]), np.nan, cp.float32)
+                ad = cp.asarray(a if a_dtype == "f32" else a.astype(np.float16))
+                p(ad, [out])
+                e = _nmse(cp.asnumpy(out), ref)
+                assert e <= NMSE, f"{TYPES[t]} {shape} M={M} {a_dtype} slabs={p.slabs} seed {seed}: nmse {e:.3g}"
+
+
+@pytest.mark.parametrize("t", TYPES, ids=TYPES.get)
+def test_gemm_configs_and_slabs(cp, mo, t):
+    """Every compiled tile height and forced k-splits (partials + tickets), twice in a row."""
+    seed = _seed()
+    rng = np.random.default_rng(seed)
+    shape = (333, 1024 if t != 12 else 2048)
+    raw = _raw(rng, t, shape)
+    ref_w = dequantize(raw, t, shape).astype(np.float64)
+    mw = _marlin(cp, mo, t, raw, shape)
+    for config in mo.MTS:
+        for M in (1, 5, 33):
+            for slabs in (1, 3, 8, shape[1] // 32):
+                a = rng.standard_normal((M, shape[1])).astype(np.float32)
+                p = mo.plan_gemm(mw, M, a_dtype="f16", config=config, slabs=slabs)
+                for _ in range(2):
+                    out = cp.full((M, shape[0]), np.nan, cp.float32)
+                    p(cp.asarray(a.astype(np.float16)), [out])
+                    e = _nmse(cp.asnumpy(out), a.astype(np.float64) @ ref_w.T)
+                    assert e <= NMSE, f"{TYPES[t]} config {config} M={M} slabs={slabs} seed {seed}: {e:.3g}"
+
+
+def _silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def _gelu(x):
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * x * (1.0 + 0.044715 * x * x)))
+
+
+@pytest.mark.parametrize("t", TYPES, ids=TYPES.get)
+def test_gemm_epilogues(cp, mo, t):
+    seed = _seed()
+    rng = np.random.default_rng(seed)
+    K = 512
+    shapes = [(200, K), (64, K), (77, K)]
+    raws = [_raw(rng, t, s) for s in shapes]
+    refs = [dequantize(r, t, s).astype(np.float64) for r, s in zip(raws, shapes)]
+    ws = [_marlin(cp, mo, t, r, s) for r, s in zip(raws, shapes)]
+    for M in (1, 4, 20):
+        a = rng.standard_normal((M, K)).astype(np.float32)
+        ad = cp.asarray(a)
+        # q/k/v: three weights, three outputs
+        for slabs in (None, 2, 16):
+            p = mo.plan_gemm(ws, M, slabs=slabs)
+            outs = [cp.full((M, s[0]), np.nan, cp.float32) for s in shapes]
+            p(ad, outs)
+            for o, r in zip(outs, refs):
+                e = _nmse(cp.asnumpy(o), a.astype(np.float64) @ r.T)
+                assert e <= NMSE, f"group M={M} slabs={slabs} seed {seed}: {e:.3g}"
+        # gate/up + glu
+        up_raw = _raw(rng, t, shapes[0])
+        up = _marlin(cp, mo, t, up_raw, shapes[0])
+        up_ref = dequantize(up_raw, t, shapes[0]).astype(np.float64)
+        for glu, act in (("swiglu", _silu), ("geglu", _gelu)):
+            for slabs in (None, 3, 16):
+                p = mo.plan_gemm([ws[0], up], M, glu=glu, slabs=slabs)
+                out = cp.full((M, shapes[0][0]), np.nan, cp.float32)
+                p(ad, [out])
+                ref = act(a.astype(np.float64) @ refs[0].T) * (a.astype(np.float64) @ up_ref.T)
+                e = _nmse(cp.asnumpy(out), ref)
+                assert e <= NMSE, f"{glu} M={M} slabs={slabs} seed {seed}: {e:.3g}"
+        # residual, in place (out is resid)
+        for slabs in (None, 1, 16):
+            r0 = rng.standard_normal((M, shapes[1][0])).astype(np.float32)
+            out = cp.asarray(r0)
+            mo.plan_gemm([ws[1]], M, residual=True, slabs=slabs)(ad, [out], resid=out)
+            e = _nmse(cp.asnumpy(out), a.astype(np.float64) @ refs[1].T + r0)
+            assert e <= NMSE, f"residual M={M} slabs={slabs} seed {seed}: {e:.3g}"
+
+
+@pytest.mark.parametrize("t", TYPES, ids=TYPES.get)
+def test_get_rows_and_dequant16(cp, mo, t):
+    seed = _seed()
+    rng = np.random.default_rng(seed)
+    shape = (130, 512)
+    raw = _raw(rng, t, shape, quantized=False)
+    ref = dequantize(raw, t, shape)
+    mw = _marlin(cp, mo, t, raw, shape)
+    ids = np.array([0, 129, 5, 64, 63, 200, -3], np.int32)
+    out = cp.full((ids.size, shape[1]), np.nan, cp.float32)
+    mo.plan_get_rows(mw, cp.asarray(ids), out)()
+    want = ref[np.clip(ids, 0, shape[0] - 1)]
+    assert np.array_equal(cp.asnumpy(out), want), f"get_rows {TYPES[t]} seed {seed}"
+    for n0, rows in ((64, 40), (0, 130), (128, 2)):
+        w16 = cp.full((rows, shape[1]), np.nan, cp.float16)
+        mo.plan_dequant16(mw, w16, n0, rows)()
+        got = cp.asnumpy(w16).astype(np.float64)
+        e = _nmse(got, ref[n0:n0 + rows].astype(np.float64))       # f16 arithmetic, as the GEMM
+        assert e <= 1e-6, f"dequant16 {TYPES[t]} rows {n0}+{rows} seed {seed}: {e:.3g}"
+
+
+def test_engine_mul_mat_and_graph(cp, mo, monkeypatch):
+    """quant_ops.upload_weight repacks (GGFLAT_MARLIN=all); mul_mat on the decode path and the
+    prefill path; get_rows; and a captured CUDA graph replayed with new x (tickets reset)."""
+    from ggml_py import WeightSource
+    from ggml_py.cuda import quant_ops as qo
+    monkeypatch.setenv("GGFLAT_MARLIN", "all")
+    seed = _seed()
+    rng = np.random.default_rng(seed)
+    for t in TYPES:
+        shape = (300, 1024)
+        raw = _raw(rng, t, shape)
+        ref_w = dequantize(raw, t, shape).astype(np.float64)
+        w = qo.upload_weight(WeightSource("w", t, shape, raw))
+        assert isinstance(w, mo.MarlinWeight)
+        for n in (1, 7, 64, 65, 300):
+            need = qo.mul_mat_scratch_bytes(w, n)
+            scratch = cp.empty(need, cp.uint8) if need else None
+            x = rng.standard_normal((n, shape[1])).astype(np.float32)
+            out = cp.full((n, shape[0]), np.nan, cp.float32)
+            qo.mul_mat(w, cp.asarray(x), out, None, scratch)
+            e = _nmse(cp.asnumpy(out), x.astype(np.float64) @ ref_w.T)
+            assert e <= NMSE, f"{TYPES[t]} n={n} seed {seed}: {e:.3g}"
+        stream = cp.cuda.Stream(non_blocking=True)
+        x = cp.zeros((1, shape[1]), cp.float32)
+        out = cp.empty((1, shape[0]), cp.float32)
+        p = mo.plan_gemm(w, 1, slabs=5)
+        run = p.bind(x, [out], stream)
+        with stream:
+            run()
+        stream.synchronize()
+        stream.begin_capture()
+        run()
+        graph = stream.end_capture()
+        for _ in range(3):
+            xh = rng.standard_normal((1, shape[1])).astype(np.float32)
+            with stream:
+                x.set(xh)
+                out.fill(cp.nan)
+                graph.launch(stream)
+            stream.synchronize()
+            e = _nmse(cp.asnumpy(out), xh.astype(np.float64) @ ref_w.T)
+            assert e <= NMSE, f"{TYPES[t]} graph replay seed {seed}: {e:.3g}"
