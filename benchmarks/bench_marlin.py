@@ -70,12 +70,19 @@ def main(argv=None) -> None:
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--json")
+    ap.add_argument("--pdl", action="store_true",
+                    help="launch with programmatic dependent launch, as the engine does: back-to-back "
+                         "launches then overlap, so the times are not single-kernel times")
     args = ap.parse_args(argv)
+    import os
+    if not args.pdl:
+        os.environ["GGFLAT_PDL"] = "0"
     import cupy as cp
     from ggml_py.cuda import marlin_ops as mo
     from ggml_py.cuda import quant_ops as qo
     dev = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
-    print(f"# {dev}, {mo.sm_count()} SMs; times in us (median of graph replays, rotating weights)")
+    print(f"# {dev}, {mo.sm_count()} SMs; times in us (median of graph replays, rotating weights); "
+          f"PDL {'on (launches overlap)' if args.pdl else 'off'}")
     stream = cp.cuda.Stream(non_blocking=True)
     ms = [int(m) for m in args.ms.split(",")]
     rows = []
@@ -113,13 +120,26 @@ def main(argv=None) -> None:
                                 pass
                     print(f"#   sweep {tname} M={M} K={K} N={N}: " +
                           " ".join(f"s{s}={t:.1f}" for t, s in res) + f"  (default {bench_marlin(cp, mo, ws, M, K, stream)[1].slabs})")
-                    if M > 16:
-                        for cfg in mo.MTS:
+                    for cfg in [v for v in mo._VARIANTS if not v.endswith("glu") and
+                                mo._VARIANTS[v][0] == mo._config(M) and (tid == 2 or "_s" not in v)]:
+                        res = []
+                        for s in (None, 4, 8, 16, 32):
                             try:
-                                tt = bench_marlin(cp, mo, ws, M, K, stream, config=cfg)[0] * 1e6
-                                print(f"#   config {cfg}: {tt:.1f}")
-                            except ValueError as e:
-                                print(f"#   config {cfg}: {e}")
+                                tt, p = bench_marlin(cp, mo, ws, M, K, stream, slabs=s, config=cfg)
+                                res.append(f"s{p.slabs}{'*' if s is None else ''}={tt * 1e6:.1f}")
+                            except ValueError:
+                                pass
+                        print(f"#     variant {cfg}: " + " ".join(res))
+            del ws
+            cp.get_default_memory_pool().free_all_blocks()
+    if args.sweep:                                   # an lm head: the steady-state streaming rate
+        for tname in args.types.split(","):
+            tid = TYPES[tname]
+            ws = marlin_weights(cp, mo, tid, 128256, 4096)
+            t, p = bench_marlin(cp, mo, ws, 1, 4096, stream)
+            tc = bench_cublas(cp, qo, 128256, 4096, 1, stream)
+            print(f"# lm head {tname} M=1 K=4096 N=128256: {t * 1e6:.1f} us, {ws[0].nbytes / t / 1e9:.0f} GB/s "
+                  f"(slabs {p.slabs}); cuBLAS f16 {tc * 1e6:.1f} us")
             del ws
             cp.get_default_memory_pool().free_all_blocks()
     if args.json:

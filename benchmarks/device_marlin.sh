@@ -18,5 +18,7 @@ fi
 if [[ " $what " == *" model "* ]]; then
   while pgrep -f make_synthetic >/dev/null; do sleep 2; done; tail -3 $OUT/synth.log
   timeout 200 python3 -m cli.main bench -m /tmp/llama8b-q4_0.gguf --backend cupy -p 512 -n 128 -r 3 | tee $OUT/bench_8b.md
+  GGFLAT_PDL=0 timeout 100 python3 -m cli.main bench -m /tmp/llama8b-q4_0.gguf --backend cupy -p 0 -n 128 -r 3 | tee $OUT/bench_8b_nopdl.md
+  GGFLAT_MARLIN=off timeout 100 python3 -m cli.main bench -m /tmp/llama8b-q4_0.gguf --backend cupy -p 512 -n 128 -r 3 | tee $OUT/bench_8b_gguf.md
   timeout 100 python3 -m cli.main bench -m /tmp/llama8b-q4_0.gguf --backend cupy -p 0 -n 128 -d 8192 -r 2 | tee $OUT/bench_8b_d8192.md
 fi

@@ -188,7 +188,7 @@ def test_gemm_configs_and_slabs(cp, mo, t):
     raw = _raw(rng, t, shape)
     ref_w = dequantize(raw, t, shape).astype(np.float64)
     mw = _marlin(cp, mo, t, raw, shape)
-    for config in mo.MTS:
+    for config in list(mo.MTS) + (list(mo.SWEEP_VARIANTS) if t == 2 else []):
         for M in (1, 5, 33):
             for slabs in (1, 3, 8, shape[1] // 32):
                 a = rng.standard_normal((M, shape[1])).astype(np.float32)

@@ -27,6 +27,15 @@
 
 #include <cuda_fp16.h>
 
+// Programmatic dependent launch (Hopper): let a kernel launched after this one with the PDL
+// attribute (the Marlin GEMM, ggml_py/cuda/launch.py) start its weight loads now; it waits for
+// this grid to finish before it reads anything this grid writes.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define PDL_TRIGGER() asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory")
+#else
+#define PDL_TRIGGER()
+#endif
+
 typedef unsigned int u32;
 typedef unsigned char u8;
 typedef long long i64;
@@ -74,6 +83,31 @@ __device__ __forceinline__ void ldmatrix_x4(u32* r, u32 addr) {
 }
 
 __device__ __forceinline__ u32 f2_to_h2(float2 v) { return h2u(__floats2half2_rn(v.x, v.y)); }
+
+// thread-block clusters (sm_90): a barrier over the cluster, and loads from another CTA's shared memory
+__device__ __forceinline__ void cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ u32 cluster_rank() {
+    u32 r = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+#endif
+    return r;
+}
+
+__device__ __forceinline__ float ld_cluster_f32(const float* p, u32 rank) {
+    float v = 0.0f;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    u32 a = smem_addr(p), b;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(b) : "r"(a), "r"(rank));
+    asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(b) : "memory");
+#endif
+    return v;
+}
 
 __device__ __forceinline__ float mm_silu(float x) { return x / (1.0f + expf(-x)); }
 
@@ -184,14 +218,15 @@ __device__ __forceinline__ void stage_scales(const u8* st, int lane, half* s, ha
 // partial, takes the tile's ticket, and the warp that arrives last sums the slabs' partials,
 // applies the epilogue, stores and resets the ticket (so a captured CUDA graph can replay).
 
-template <int QT, int MT, bool GLU, int STAGES>
+template <int QT, int MT, bool GLU, int STAGES, int GPS>
 __device__ __forceinline__ void marlin_main(
         const u8* __restrict__ w0, const u8* __restrict__ w1, const u8* __restrict__ w2,
         float* o0, float* o1, float* o2, int N0, int N1, int N2, int t1, int t2, int t3,
         const void* __restrict__ Av, int a_f16, int M, int K, int lda,
-        const float* resid, int mode, int slabs, float* part, u32* tickets) {
+        const float* resid, int mode, int slabs, int cluster, float* part, u32* tickets) {
     constexpr int NWT = GLU ? 2 : 1;               // weights a warp reads (gate and up together)
-    constexpr int WST = MARLIN_WSTAGE * NWT;       // one warp's bytes of one stage
+    constexpr int WST1 = MARLIN_WSTAGE * NWT;      // one group's bytes (codes + scales, both weights)
+    constexpr int WST = WST1 * GPS;                // one warp's bytes of one stage (GPS groups)
     constexpr int MR = 16 * MT;                    // rows of a tile
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int G = K / 32;
@@ -234,18 +269,31 @@ __device__ __forceinline__ void marlin_main(
             }
         }
     };
-    // stage i of this warp: group g0 + i into ring slot i % STAGES
+    const int n_st = (ng + GPS - 1) / GPS;         // stages of this warp
+    // stage i of this warp: groups g0 + GPS*i ... into ring slot ``slot``
     auto issue = [&](int i, int slot) {
-        if (active && i < ng) {
-            u8* dst = ring + slot * WST;
-            copy_w(dst, W, L, g0 + i);
-            if (GLU) copy_w(dst + MARLIN_WSTAGE, w1, L1, g0 + i);
+        if (active && i < n_st) {
+#pragma unroll
+            for (int q = 0; q < GPS; ++q) {
+                const int gi = i * GPS + q;
+                if (gi < ng) {
+                    u8* dst = ring + slot * WST + q * WST1;
+                    copy_w(dst, W, L, g0 + gi);
+                    if (GLU) copy_w(dst + MARLIN_WSTAGE, w1, L1, g0 + gi);
+                }
+            }
         }
         cp_commit();
     };
 
+    PDL_TRIGGER();
 #pragma unroll
     for (int i = 0; i < STAGES - 1; ++i) issue(i, i);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    // launched with PDL: the weights above are already streaming; A (and every buffer written
+    // below) belongs to the previous kernel until it has finished
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
 
     // the A window: rows x kw, f16, loaded by the whole CTA while the first stages are in flight
     if (threadIdx.x == 0) *reinterpret_cast<uint4*>(sZero) = make_uint4(0, 0, 0, 0);
@@ -269,7 +317,7 @@ __device__ __forceinline__ void marlin_main(
         }
     }
     __syncthreads();
-    if (!active) return;
+    if (!active && !cluster) return;               // (in a cluster every CTA thread reaches its barriers)
 
     float acc[NWT][MT][8][4];
 #pragma unroll
@@ -291,36 +339,40 @@ __device__ __forceinline__ void marlin_main(
     }
 
     int slot = 0, slot_in = STAGES - 1;
-    for (int i = 0; i < ng; ++i) {
+    for (int i = 0; i < (active ? n_st : 0); ++i) {
         cp_wait<STAGES - 2>();
         __syncwarp();
         issue(i + STAGES - 1, slot_in);
         slot_in = slot_in + 1 == STAGES ? 0 : slot_in + 1;
-        const u8* st = ring + slot * WST;
+        const u8* stage = ring + slot * WST;
         slot = slot + 1 == STAGES ? 0 : slot + 1;
-        half sv[NWT][8], mv[NWT][8];
 #pragma unroll
-        for (int w = 0; w < NWT; ++w) stage_scales<QT>(st + w * MARLIN_WSTAGE, lane, sv[w], mv[w]);
+        for (int q = 0; q < GPS; ++q) {
+            const int gi = i * GPS + q;
+            if (GPS > 1 && gi >= ng) break;
+            const u8* st = stage + q * WST1;
+            half sv[NWT][8], mv[NWT][8];
 #pragma unroll
-        for (int ks = 0; ks < 2; ++ks) {
-            u32 af[MT][4];
+            for (int w = 0; w < NWT; ++w) stage_scales<QT>(st + w * MARLIN_WSTAGE, lane, sv[w], mv[w]);
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                ldmatrix_x4(af[mt], a_addr[mt] + (u32)(i * 32 + ks * 16) * a_mul[mt]);
-            }
+            for (int ks = 0; ks < 2; ++ks) {
+                u32 af[MT][4];
 #pragma unroll
-            for (int w = 0; w < NWT; ++w) {
-                const uint4 wq = *reinterpret_cast<const uint4*>(st + w * MARLIN_WSTAGE + ks * 512 + lane * 16);
-                const u32 wv[4] = {wq.x, wq.y, wq.z, wq.w};
+                for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(af[mt], a_addr[mt] + (u32)(gi * 32 + ks * 16) * a_mul[mt]);
 #pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    u32 b[4];
-                    dequant_word<QT>(wv[j], __half2half2(sv[w][2 * j]), __half2half2(mv[w][2 * j]),
-                                     __half2half2(sv[w][2 * j + 1]), __half2half2(mv[w][2 * j + 1]), b);
+                for (int w = 0; w < NWT; ++w) {
+                    const uint4 wq = *reinterpret_cast<const uint4*>(st + w * MARLIN_WSTAGE + ks * 512 + lane * 16);
+                    const u32 wv[4] = {wq.x, wq.y, wq.z, wq.w};
 #pragma unroll
-                    for (int mt = 0; mt < MT; ++mt) {
-                        mma_16816(acc[w][mt][2 * j], af[mt], b[0], b[1]);
-                        mma_16816(acc[w][mt][2 * j + 1], af[mt], b[2], b[3]);
+                    for (int j = 0; j < 4; ++j) {
+                        u32 b[4];
+                        dequant_word<QT>(wv[j], __half2half2(sv[w][2 * j]), __half2half2(mv[w][2 * j]),
+                                         __half2half2(sv[w][2 * j + 1]), __half2half2(mv[w][2 * j + 1]), b);
+#pragma unroll
+                        for (int mt = 0; mt < MT; ++mt) {
+                            mma_16816(acc[w][mt][2 * j], af[mt], b[0], b[1]);
+                            mma_16816(acc[w][mt][2 * j + 1], af[mt], b[2], b[3]);
+                        }
                     }
                 }
             }
@@ -330,6 +382,53 @@ __device__ __forceinline__ void marlin_main(
 
     float* out = g == 0 ? o0 : (g == 1 ? o1 : o2);
     const int ncol0 = nt * 64;
+    if (cluster && slabs > 1) {
+        // the slabs of these 8 tiles are the CTAs of one cluster: each CTA puts its warps' tiles in
+        // its shared memory, then reduces 1/slabs of the elements over all the cluster's CTAs
+        __syncthreads();                           // the ring is free (cp_wait<0> above)
+        float* red = reinterpret_cast<float*>(smem);             // [w][warp][rows][64]
+        const int per = rows * 64;
+        if (active) {
+#pragma unroll
+            for (int w = 0; w < NWT; ++w)
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int t8 = 0; t8 < 8; ++t8)
+#pragma unroll
+                        for (int r = 0; r < 4; ++r) {
+                            const int row = mt * 16 + (lane >> 2) + (r >= 2 ? 8 : 0);
+                            const int col = t8 * 8 + 2 * (lane & 3) + (r & 1);
+                            if (row < rows) red[((w * 8 + warp) * rows + row) * 64 + col] = acc[w][mt][t8][r];
+                        }
+        }
+        cluster_sync();
+        const int total = 8 * per;
+        const u32 rank = cluster_rank();
+        const int e0 = (int)((i64)rank * total / slabs), e1 = (int)((i64)(rank + 1) * total / slabs);
+        for (int e = e0 + threadIdx.x; e < e1; e += MARLIN_THREADS) {
+            const int wp = e / per, rem = e - wp * per, row = rem >> 6, col = rem & 63;
+            const int te = blockIdx.x * 8 + wp;
+            if (te >= t3) continue;
+            const int ge = te < t1 ? 0 : (te < t2 ? 1 : 2);
+            const int nte = te - (ge == 0 ? 0 : (ge == 1 ? t1 : t2));
+            const int Ne = ge == 0 ? N0 : (ge == 1 ? N1 : N2);
+            const int n = nte * 64 + col;
+            if (n >= Ne) continue;
+            float v = 0.0f, u = 0.0f;
+            for (int q = 0; q < slabs; ++q) {
+                v += ld_cluster_f32(red + e, (u32)q);
+                if (GLU) u += ld_cluster_f32(red + 8 * per + e, (u32)q);
+            }
+            const i64 o = (i64)(m0 + row) * Ne + n;
+            if (GLU) v = (mode == 1 ? mm_silu(v) : mm_gelu(v)) * u;
+            else if (mode == 3) v += resid[o];
+            (ge == 0 ? o0 : (ge == 1 ? o1 : o2))[o] = v;
+        }
+        cluster_sync();                            // shared memory stays until every CTA has read it
+        return;
+    }
+    if (!active) return;
     if (slabs == 1) {                              // the whole k range: store
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
@@ -371,20 +470,38 @@ __device__ __forceinline__ void marlin_main(
     old = __shfl_sync(0xffffffffu, old, 0);
     if (old != (u32)(slabs - 1)) return;
     __threadfence();
-    for (int e = lane; e < rows * 64; e += 32) {
-        const int row = e >> 6, col = e & 63;
-        const int n = ncol0 + col;
-        if (n >= N) continue;
-        float v = 0.0f, u = 0.0f;
-        for (int s2 = 0; s2 < slabs; ++s2) {
-            const i64 pi = (((i64)s2 * M + m0 + row) * t3 + t) * 64 + col;
-            v += __ldcg(part + pi);
-            if (GLU) u += __ldcg(part + pw + pi);
+    // sum the slabs: 4 elements a lane at a time, the loads of 4 slabs in flight together
+    for (int e0 = 0; e0 < rows * 64; e0 += 128) {
+        float v[4] = {0.0f, 0.0f, 0.0f, 0.0f}, u[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        i64 pi[4];
+        bool ok[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const int e = e0 + q * 32 + lane;
+            ok[q] = e < rows * 64 && ncol0 + (e & 63) < N;
+            pi[q] = (((i64)(m0 + (e >> 6))) * t3 + t) * 64 + (e & 63);
         }
-        const i64 o = (i64)(m0 + row) * N + n;
-        if (GLU) v = (mode == 1 ? mm_silu(v) : mm_gelu(v)) * u;
-        else if (mode == 3) v += resid[o];
-        out[o] = v;
+        const i64 sstride = (i64)M * t3 * 64;
+#pragma unroll 4
+        for (int s2 = 0; s2 < slabs; ++s2) {
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                if (ok[q]) {
+                    v[q] += __ldcg(part + s2 * sstride + pi[q]);
+                    if (GLU) u[q] += __ldcg(part + pw + s2 * sstride + pi[q]);
+                }
+            }
+        }
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            if (!ok[q]) continue;
+            const int e = e0 + q * 32 + lane;
+            const i64 o = (i64)(m0 + (e >> 6)) * N + ncol0 + (e & 63);
+            float x = v[q];
+            if (GLU) x = (mode == 1 ? mm_silu(x) : mm_gelu(x)) * u[q];
+            else if (mode == 3) x += resid[o];
+            out[o] = x;
+        }
     }
     if (lane == 0) *ticket = 0u;                   // ready for the next replay
 }
@@ -392,26 +509,33 @@ __device__ __forceinline__ void marlin_main(
 #define MARLIN_ARGS                                                                                   \
     const u8 *w0, const u8 *w1, const u8 *w2, float *o0, float *o1, float *o2, int N0, int N1, int N2, \
         int t1, int t2, int t3, const void *A, int a_f16, int M, int K, int lda, const float *resid,      \
-        int mode, int slabs, float *part, u32 *tickets
-#define MARLIN_PASS w0, w1, w2, o0, o1, o2, N0, N1, N2, t1, t2, t3, A, a_f16, M, K, lda, resid, mode, slabs, part, tickets
+        int mode, int slabs, int cluster, float *part, u32 *tickets
+#define MARLIN_PASS w0, w1, w2, o0, o1, o2, N0, N1, N2, t1, t2, t3, A, a_f16, M, K, lda, resid, mode, slabs, cluster, part, tickets
 
-// marlin_<type>_m<MT>[_glu]: 16*MT rows of A per tile
-#define MARLIN_KERNEL(QT, QN, MT, GLU, GN, STAGES, MINB)                                              \
-    extern "C" __global__ void __launch_bounds__(MARLIN_THREADS, MINB)                                \
-        marlin_##QN##_m##MT##GN(MARLIN_ARGS) {                                                        \
-        marlin_main<QT, MT, GLU, STAGES>(MARLIN_PASS);                                                \
+// marlin_<type>_m<MT>[_glu]: 16*MT rows of A per tile; marlin_<type>_m1_s<STAGES>g<GPS>: pipeline
+// variants of the decode kernel for benchmarks/bench_marlin.py --sweep
+#define MARLIN_KERNEL(NAME, QT, MT, GLU, STAGES, GPS, MINB)                                            \
+    extern "C" __global__ void __launch_bounds__(MARLIN_THREADS, MINB) NAME(MARLIN_ARGS) {           \
+        marlin_main<QT, MT, GLU, STAGES, GPS>(MARLIN_PASS);                                           \
     }
 
-#define MARLIN_TYPE(QT, QN)                          \
-    MARLIN_KERNEL(QT, QN, 1, false, , 4, 2)          \
-    MARLIN_KERNEL(QT, QN, 1, true, _glu, 4, 2)       \
-    MARLIN_KERNEL(QT, QN, 2, false, , 4, 2)          \
-    MARLIN_KERNEL(QT, QN, 2, true, _glu, 4, 1)       \
-    MARLIN_KERNEL(QT, QN, 4, false, , 4, 1)
+#define MARLIN_TYPE(QT, QN)                                                \
+    MARLIN_KERNEL(marlin_##QN##_m1, QT, 1, false, 4, 2, 3)                 \
+    MARLIN_KERNEL(marlin_##QN##_m1_glu, QT, 1, true, 4, 1, 2)              \
+    MARLIN_KERNEL(marlin_##QN##_m2, QT, 2, false, 4, 1, 2)                 \
+    MARLIN_KERNEL(marlin_##QN##_m2_glu, QT, 2, true, 4, 1, 1)              \
+    MARLIN_KERNEL(marlin_##QN##_m4, QT, 4, false, 4, 1, 1)
 
 MARLIN_TYPE(0, q4_0)
 MARLIN_TYPE(1, q4_1)
 MARLIN_TYPE(2, q4_k)
+MARLIN_KERNEL(marlin_q4_0_m1_s4g1, 0, 1, false, 4, 1, 3)
+MARLIN_KERNEL(marlin_q4_0_m1_s6g1, 0, 1, false, 6, 1, 3)
+MARLIN_KERNEL(marlin_q4_0_m1_s8g1, 0, 1, false, 8, 1, 2)
+MARLIN_KERNEL(marlin_q4_0_m1_s3g2, 0, 1, false, 3, 2, 3)
+MARLIN_KERNEL(marlin_q4_0_m1_s4g4, 0, 1, false, 4, 4, 2)
+MARLIN_KERNEL(marlin_q4_0_m2_s4g2, 0, 2, false, 4, 2, 2)
+MARLIN_KERNEL(marlin_q4_0_m4_s3g2, 0, 4, false, 3, 2, 1)
 
 // -- repacking GGUF blocks into the layout (at load), and reading it back ------------------------
 

@@ -74,17 +74,23 @@ def _module():
     return load_module("marlin")
 
 
-_fns: dict[tuple[str, int], Any] = {}
+_fns: dict[tuple[str, bool], Any] = {}
 
 
 def _function(name: str, smem: int = 0) -> Any:
-    """Kernel ``name`` as a callable (grid, block, args, shared_mem, stream)."""
-    key = (name, smem > 48 * 1024)
-    fn = _fns.get(key)
-    if fn is None:
+    """Kernel ``name`` as a callable (grid, block, args, shared_mem, stream); for the GEMM kernels
+    (smem > 48 KB allowed) the pair (callable, registers per thread)."""
+    big = smem > 48 * 1024
+    key = (name, big)
+    got = _fns.get(key)
+    if got is None:
         raw = _module().get_function(name)
-        if smem > 48 * 1024:
+        if big:
             raw.max_dynamic_shared_size_bytes = SMEM_LIMIT
+        try:
+            regs = int(raw.attributes["num_regs"])
+        except Exception:
+            regs = 128
         try:
             from cupy.cuda.function import Function
             fn = raw.kernel
@@ -97,8 +103,8 @@ def _function(name: str, smem: int = 0) -> Any:
                 else:
                     with stream:
                         _raw(grid, block, args, shared_mem=shared_mem)
-        _fns[key] = fn
-    return fn
+        got = _fns[key] = (fn, regs)
+    return got if big else got[0]
 
 
 def _grid1(n: int, block: int = 256) -> tuple[int]:
@@ -142,49 +148,74 @@ def _config(M: int) -> int:
     return 1 if M <= 16 else (2 if M <= 32 else 4)
 
 
-# compiled variants (marlin.cu MARLIN_TYPE): (MT, glu) -> (pipeline stages, CTAs per SM the
-# registers allow)
-_VARIANTS = {(1, False): (4, 3), (1, True): (4, 2), (2, False): (4, 2), (2, True): (4, 1), (4, False): (4, 1)}
+# compiled kernels (marlin.cu): name suffix -> (MT, glu, pipeline stages, groups per stage); the
+# first five exist for every type (the defaults), the rest for Q4_0 only (benchmarks' sweeps)
+_VARIANTS = {"m1": (1, False, 4, 2), "m1_glu": (1, True, 4, 1), "m2": (2, False, 4, 1),
+             "m2_glu": (2, True, 4, 1), "m4": (4, False, 4, 1),
+             "m1_s4g1": (1, False, 4, 1), "m1_s6g1": (1, False, 6, 1), "m1_s8g1": (1, False, 8, 1),
+             "m1_s3g2": (1, False, 3, 2), "m1_s4g4": (1, False, 4, 4), "m2_s4g2": (2, False, 4, 2),
+             "m4_s3g2": (4, False, 3, 2)}
+SWEEP_VARIANTS = tuple(k for k in _VARIANTS if "_s" in k)
 MTS = (1, 2, 4)
-WINDOW_MAX = 64 << 10                  # bytes of the f16 A window a CTA keeps in shared memory
-_ITEM_OVERHEAD = 6                     # fixed cost of a warp's item, in groups (latency, epilogue)
+_RED_COST = 0.15                       # cost of one partial row of one slab, in groups (fitted)
 
 
-def _smem_bytes(MT: int, glu: bool, rows: int, kw: int) -> int:
-    stages = _VARIANTS[(MT, glu)][0]
-    return 8 * stages * WSTAGE * (2 if glu else 1) + rows * (kw + 8) * 2 + 16
+MAX_CLUSTER = 16                       # slabs reduced through a thread-block cluster (H100: 16, non-portable)
+CLUSTER_MIN_ROWS = 8                   # clusters only for tiles of more rows than this
 
 
-def _ctas_per_sm(MT: int, glu: bool, smem: int) -> int:
-    by_regs = _VARIANTS[(MT, glu)][1]
-    by_smem = max(1, (228 * 1024) // (smem + 1024))
+def cluster_enabled() -> bool:
+    return os.environ.get("GGFLAT_MARLIN_CLUSTER", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _smem_bytes(variant: str, rows: int, kw: int, cluster: bool = False) -> int:
+    mt, glu, stages, gps = _VARIANTS[variant]
+    nwt = 2 if glu else 1
+    ring = 8 * stages * gps * WSTAGE * nwt + rows * (kw + 8) * 2 + 16
+    return max(ring, nwt * 8 * rows * 64 * 4) if cluster else ring
+
+
+def _ctas_per_sm(regs: int, smem: int) -> int:
+    """CTAs of 256 threads an H100 SM holds: 64K registers (allocated 256 a warp), 228 KB shared."""
+    per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    by_regs = (65536 // per_warp) // 8
+    by_smem = (228 * 1024) // (smem + 1024)
     return max(1, min(by_regs, by_smem))
 
 
-def choose_slabs(tiles: int, m_tiles: int, groups: int, rows: int, MT: int, glu: bool, sms: int) -> int:
-    """The k-split: fewest waves x (groups per warp + a fixed cost), within the A window's size."""
+def choose_slabs(tiles: int, m_tiles: int, groups: int, rows: int, variant: str, regs: int, sms: int) -> int:
+    """The k-split. Enough tiles for one CTA per SM: no split. Otherwise, among the splits whose
+    CTAs are all resident at once (or the first that fits in shared memory), the cheapest in units
+    of one warp's group: the groups a warp
+    streams times the CTAs per SM (one CTA of 8 warps already draws an SM's share of the
+    bandwidth), plus the last warp's reduction of rows x 64 partials per slab. Fitted to the sweep
+    of benchmarks/bench_marlin.py --sweep (H100, 2026-11-24)."""
+    per_slab = -(-tiles // 8) * m_tiles
+    if per_slab >= sms and _smem_bytes(variant, rows, groups * 32) <= SMEM_LIMIT:
+        return 1
     best, best_cost = None, None
     for s in range(1, groups + 1):
         kw = -(-groups // s) * 32
-        if rows * (kw + 8) * 2 > WINDOW_MAX:
+        smem = _smem_bytes(variant, rows, kw, 1 < s <= MAX_CLUSTER and rows > CLUSTER_MIN_ROWS)
+        if smem > SMEM_LIMIT:
             continue
-        ctas = -(-tiles // 8) * s * m_tiles
-        slots = sms * _ctas_per_sm(MT, glu, _smem_bytes(MT, glu, rows, kw))
-        cost = -(-ctas // slots) * (-(-groups // s) + _ITEM_OVERHEAD) + (0.5 * s if s > 1 else 0)
-        if best_cost is None or cost < best_cost:
+        ctas = per_slab * s
+        if best is not None and ctas > sms * _ctas_per_sm(regs, smem):
+            break                                  # more CTAs than fit at once: only worse from here
+        cost = (groups / s) * -(-ctas // sms) + _RED_COST * rows * s
+        if best_cost is None or cost < best_cost - 1e-9:
             best, best_cost = s, cost
-        if ctas >= 4 * slots:
-            break
     return best or groups
 
 
 class MarlinPlan:
     """out_g (M, N_g) = A (M, K) @ W_g.T for 1-3 MarlinWeights, chosen once.
 
-    slabs: the k-split (default: choose_slabs); config: MT (rows per tile = 16 * MT)."""
+    slabs: the k-split (default: choose_slabs); config: MT (rows per tile = 16 * MT), or a kernel
+    name suffix of _VARIANTS (benchmarks)."""
 
     def __init__(self, ws, M: int, *, a_dtype: str = "f32", glu: str | None = None, residual: bool = False,
-                 slabs: int | None = None, config: int | None = None) -> None:
+                 slabs: int | None = None, config: int | str | None = None) -> None:
         import cupy
         ws = tuple(ws)
         if not 1 <= len(ws) <= 3 or not all(isinstance(w, MarlinWeight) for w in ws):
@@ -203,31 +234,42 @@ class MarlinPlan:
         self.ws, self.M, self.K, self.type = ws, int(M), K, t
         self.a_dtype, self.glu, self.residual = a_dtype, glu, bool(residual)
         self.mode = 3 if residual else _MODES[glu]
-        MT = int(config or _config(self.M))
-        if glu is not None and MT == 4:
-            MT = 2                                   # no 4-tile glu kernel: more row tiles instead
-        if (MT, glu is not None) not in _VARIANTS:
-            raise ValueError(f"no Marlin kernel for MT={MT}{', glu' if glu else ''}")
-        self.MT = MT
-        self.kernel_name = f"marlin_{_NAMES[t]}_m{MT}{'_glu' if glu else ''}"
+        if isinstance(config, str):
+            variant = config
+            if variant not in _VARIANTS or _VARIANTS[variant][1] != (glu is not None):
+                raise ValueError(f"no Marlin kernel variant {variant!r}{' with glu' if glu else ''}")
+        else:
+            MT = int(config or _config(self.M))
+            if glu is not None and MT == 4:
+                MT = 2                               # no 4-tile glu kernel: more row tiles instead
+            variant = f"m{MT}{'_glu' if glu else ''}"
+            if variant not in _VARIANTS:
+                raise ValueError(f"no Marlin kernel for MT={MT}{', glu' if glu else ''}")
+        MT = _VARIANTS[variant][0]
+        self.MT, self.variant = MT, variant
+        self.kernel_name = f"marlin_{_NAMES[t]}_{variant}"
         self.m_tiles = -(-self.M // (16 * MT))
         rows = min(self.M, 16 * MT)
         tiles = [-(-w.rows // 64) for w in (ws[:1] if glu else ws)]
         self.t_cum = np.cumsum(tiles + [0] * (3 - len(tiles))).tolist()
         T, G = self.t_cum[2], K // 32
-        self.slabs = int(slabs) if slabs else choose_slabs(T, self.m_tiles, G, rows, MT, glu is not None,
-                                                           sm_count())
+        self._kern, regs = _function(self.kernel_name, 200 << 10)
+        self.slabs = int(slabs) if slabs else choose_slabs(T, self.m_tiles, G, rows, variant, regs, sm_count())
         if not 1 <= self.slabs <= G:
             raise ValueError(f"Marlin: slabs must be in 1..{G}")
         kw = -(-G // self.slabs) * 32
-        self.smem = _smem_bytes(MT, glu is not None, rows, kw)
+        # slabs reduced in a cluster's shared memory (no partials in global memory, no tickets)
+        # (measured on the H100: a win from 16 rows up -- 4096x14336 M=16 30.3 -> 24.6 us -- and a
+        # loss for 1-4 rows, where the cluster's co-scheduling costs more than the ticket reduction)
+        self.cluster = 1 < self.slabs <= MAX_CLUSTER and rows > CLUSTER_MIN_ROWS and cluster_enabled()
+        self.smem = _smem_bytes(variant, rows, kw, self.cluster)
         if self.smem > SMEM_LIMIT:
             raise ValueError(f"Marlin: {self.smem} bytes of shared memory needed; use more slabs")
         self.grid = (-(-T // 8), self.slabs, self.m_tiles)
         nwt = 2 if glu else 1
-        self.part = cupy.empty(nwt * self.slabs * self.M * T * 64, cupy.float32) if self.slabs > 1 else None
+        self.part = (cupy.empty(nwt * self.slabs * self.M * T * 64, cupy.float32)
+                     if self.slabs > 1 and not self.cluster else None)
         self.tickets = cupy.zeros(T * self.m_tiles, cupy.uint32)
-        self._kern = _function(self.kernel_name, self.smem)
 
     @property
     def weight_bytes(self) -> int:
@@ -266,8 +308,14 @@ class MarlinPlan:
                 os_[0], os_[1], os_[2], np.int32(Ns[0]), np.int32(Ns[1]), np.int32(Ns[2]),
                 np.int32(t1), np.int32(t2), np.int32(t3), a, np.int32(1 if self.a_dtype == "f16" else 0),
                 np.int32(M), np.int32(K), np.int32(lda), resid if self.residual else None, np.int32(self.mode),
-                np.int32(self.slabs), self.part, self.tickets)
+                np.int32(self.slabs), np.int32(1 if self.cluster else 0), self.part, self.tickets)
         kern, grid, smem = self._kern, self.grid, self.smem
+        if hasattr(kern, "ptr"):            # a driver function: launch with PDL (launch.py)
+            from .launch import launcher
+            return launcher(kern, grid, (THREADS,), args, smem, cs, programmatic=True,
+                            cluster=(1, self.slabs, 1) if self.cluster else None)
+        if self.cluster:
+            raise RuntimeError("Marlin: cluster launches need the CUDA driver function (cupy Function)")
         return lambda: kern(grid, (THREADS,), args, smem, cs)
 
 
