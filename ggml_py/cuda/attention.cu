@@ -60,6 +60,15 @@
 #define ATTN_DEC_TC_STAGES 2
 #endif
 
+// Programmatic dependent launch (Hopper): let a kernel launched after this one with the PDL
+// attribute (the Marlin GEMM, ggml_py/cuda/launch.py) start its weight loads now; it waits for
+// this grid to finish before it reads anything this grid writes.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define PDL_TRIGGER() asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory")
+#else
+#define PDL_TRIGGER()
+#endif
+
 #define ATTN_INT_MAX 2147483647
 #define ATTN_INT_MIN (-2147483647 - 1)
 #define ATTN_NEG_INF (-__int_as_float(0x7f800000))
@@ -664,9 +673,11 @@ __device__ __forceinline__ void decode_impl(
     n_pages, max_pages, splits, min_units, flat_max, qscale, cap2, window
 
 extern "C" __global__ void __launch_bounds__(DEC_NT, 2) attn_decode_r4(ATTN_DECODE_ARGS) {
+    PDL_TRIGGER();
     decode_impl<4>(ATTN_DECODE_PASS);
 }
 extern "C" __global__ void __launch_bounds__(DEC_NT, 2) attn_decode_r8(ATTN_DECODE_ARGS) {
+    PDL_TRIGGER();
     decode_impl<8>(ATTN_DECODE_PASS);
 }
 
@@ -1386,6 +1397,7 @@ __device__ __forceinline__ void decode_tc_impl(ATTN_DECODE_ARGS)
 }
 
 extern "C" __global__ void __launch_bounds__(128, 2) attn_decode_tc(ATTN_DECODE_ARGS) {
+    PDL_TRIGGER();
     decode_tc_impl<false>(ATTN_DECODE_PASS);
 }
 #if __CUDA_ARCH__ >= 900 || !defined(__CUDA_ARCH__)

@@ -13,6 +13,15 @@
 
 typedef long long i64;
 
+// Programmatic dependent launch (Hopper): let a kernel launched after this one with the PDL
+// attribute (the Marlin GEMM, ggml_py/cuda/launch.py) start its weight loads now; it waits for
+// this grid to finish before it reads anything this grid writes.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define PDL_TRIGGER() asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory")
+#else
+#define PDL_TRIGGER()
+#endif
+
 #define EW_FLT_MAX 3.402823466e+38f
 #define EW_FLT_TINY 1.175494351e-38f         // smallest normal float (np.finfo(float32).tiny)
 #define EW_SQRT_2_OVER_PI 0.79788456080286535587989211986876f
@@ -49,6 +58,7 @@ __device__ __forceinline__ float ew_binop(float a, float b, int op) {
 }
 
 extern "C" __global__ void binary_same_f32(const float* a, const float* b, float* y, i64 n, int op) {
+    PDL_TRIGGER();
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
         y[i] = ew_binop(a[i], b[i], op);
 }
@@ -88,11 +98,13 @@ extern "C" __global__ void gelu_f32(const float* x, float* y, i64 n) {
 
 // y = act(gate) * up, act = silu (swiglu) or tanh-GELU (geglu); y may alias gate or up.
 extern "C" __global__ void swiglu_f32(const float* g, const float* u, float* y, i64 n) {
+    PDL_TRIGGER();
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
         y[i] = ew_silu(g[i]) * u[i];
 }
 
 extern "C" __global__ void geglu_f32(const float* g, const float* u, float* y, i64 n) {
+    PDL_TRIGGER();
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
         y[i] = ew_gelu(g[i]) * u[i];
 }
@@ -141,6 +153,7 @@ __device__ float ew_block_max(float v, float* red) {
 
 extern "C" __global__ void rms_norm_f32(const float* x, const float* w, float* y, int rows,
                                         const float* x2, const float* w2, float* y2, int d, float eps) {
+    PDL_TRIGGER();
     __shared__ float red[32];
     i64 row = blockIdx.x;
     if (row >= rows) { row -= rows; x = x2; w = w2; y = y2; }
@@ -166,6 +179,7 @@ extern "C" __global__ void rms_norm_f32(const float* x, const float* w, float* y
 // y may alias whichever of a and b s does not: pass 2 reads only s, after a barrier.
 extern "C" __global__ void add_rms_norm_f32(const float* a, const float* b, float* s_out, const float* w,
                                             float* y, int d, float eps) {
+    PDL_TRIGGER();
     __shared__ float red[32];
     const i64 row = blockIdx.x;
     const float* ar = a + row * d;
@@ -235,6 +249,7 @@ extern "C" __global__ void soft_max_f32(const float* x, const float* mask, float
 extern "C" __global__ void rope_f32(const float* x, float* y, int H, const float* x2, float* y2, int H2,
                                     const int* pos, int d, int n_rot, float theta_scale, float freq_scale,
                                     int neox) {
+    PDL_TRIGGER();
     extern __shared__ float cs[];
     const int half = n_rot / 2;
     float* cs_cos = cs;
