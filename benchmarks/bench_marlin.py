@@ -41,13 +41,13 @@ def marlin_weights(cp, mo, tid, N, K):
     return [m0] + [mo.MarlinWeight(tid, m0.shape, m0.data.copy(), m0.nbytes) for _ in range(nbuf - 1)]
 
 
-def bench_marlin(cp, mo, ws, M, K, stream, a_dtype="f16", slabs=None, config=None):
+def bench_marlin(cp, mo, ws, M, K, stream, a_dtype="f16", slabs=None, config=None, kws=None):
     N = ws[0].rows
     a = cp.random.standard_normal((M, K), dtype=cp.float32)
     if a_dtype == "f16":
         a = a.astype(cp.float16)
     out = cp.empty((M, N), cp.float32)
-    plans = [mo.MarlinPlan([w], M, a_dtype=a_dtype, slabs=slabs, config=config) for w in ws]
+    plans = [mo.MarlinPlan([w], M, a_dtype=a_dtype, slabs=slabs, config=config, kws=kws) for w in ws]
     calls = [p.bind(a, [out], stream) for p in plans]
     t, _ = time_graph(cp, calls, stream)
     return t, plans[0]
@@ -64,12 +64,59 @@ def bench_gguf(cp, qo, tid, N, K, M, stream):
     return bench_mul_mat(cp, qo, tid, N, K, M, stream)[0]
 
 
+def bench_layer(cp, mo, qo, stream, tid: int = 2) -> None:
+    """The four weight launches of a Llama-3-8B decode layer (n = 1) as the engine groups them:
+    q/k/v in one launch, gate/up + swiglu, o + residual, down + residual; Marlin against the GGUF
+    GEMV kernels, each with enough copies rotating to overflow the L2."""
+    from quant_formats import tensor_nbytes
+    K, F = 4096, 14336
+    groups = {"qkv": [(4096, K), (1024, K), (1024, K)], "gate/up+swiglu": [(F, K), (F, K)],
+              "o+residual": [(4096, K)], "down+residual": [(4096, F)]}
+    print("\n## One Llama-3-8B decode layer, n = 1 (Q4_0; us per launch)\n")
+    print("| launch | weight MB | Marlin | GB/s | GGUF GEMV group | GB/s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    tot_m = tot_g = 0.0
+    for name, shapes in groups.items():
+        nbytes = sum(tensor_nbytes(tid, s) for s in shapes)
+        ncopy = max(3, math.ceil(ROTATE_BYTES / nbytes))
+        kw = {"glu": "swiglu"} if "glu" in name else ({"residual": True} if "residual" in name else {})
+        x = cp.random.standard_normal((1, shapes[0][1]), dtype=cp.float32)
+        outs = [cp.empty((1, s[0]), cp.float32) for s in (shapes[:1] if "glu" in name else shapes)]
+        times = []
+        for marlin in (True, False):
+            calls = []
+            for c in range(ncopy):
+                gw = [random_weight(cp, tid, s[0], s[1], 7 + c) for s in shapes]
+                if marlin:
+                    ws = [mo.repack(w) for w in gw]
+                    del gw
+                    p = mo.plan_gemm(ws, 1, **kw)
+                    calls.append(p.bind(x, outs, stream, resid=outs[0] if "residual" in name else None))
+                else:
+                    gp = qo.plan_mul_mat_group(gw, 1, glu=kw.get("glu"), residual=bool(kw.get("residual")),
+                                               max_weight_bytes=None)
+                    if gp is None:
+                        calls = None
+                        break
+                    calls.append(gp.bind(x, outs, stream, resid=outs[0] if "residual" in name else None))
+            times.append(time_graph(cp, calls, stream)[0] if calls else float("nan"))
+            cp.get_default_memory_pool().free_all_blocks()
+        tm, tg = times
+        tot_m += tm
+        tot_g += tg
+        print(f"| {name} | {nbytes / 1e6:.1f} | {tm * 1e6:.1f} | {nbytes / tm / 1e9:.0f} | {tg * 1e6:.1f} | "
+              f"{nbytes / tg / 1e9:.0f} |", flush=True)
+    print(f"| total | | {tot_m * 1e6:.1f} | | {tot_g * 1e6:.1f} | |")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--types", default="Q4_0,Q4_1,Q4_K")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--json")
+    ap.add_argument("--layer", action="store_true",
+                    help="also time one Llama-3-8B decode layer's grouped launches (n = 1), Marlin vs GGUF GEMV")
     ap.add_argument("--pdl", action="store_true",
                     help="launch with programmatic dependent launch, as the engine does: back-to-back "
                          "launches then overlap, so the times are not single-kernel times")
@@ -90,7 +137,7 @@ def main(argv=None) -> None:
     for tname in args.types.split(","):
         tid = TYPES[tname]
         print(f"\n## {tname}\n")
-        print("| M | K | N | marlin f16 A (us) | GB/s | slabs | cuBLAS f16 (us) | speedup | engine f32 A (us) | GGUF GEMV (us) |")
+        print("| M | K | N | marlin f16 A (us) | GB/s | split | cuBLAS f16 (us) | speedup | engine f32 A (us) | GGUF GEMV (us) |")
         print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for K, N in SHAPES:
             ws = marlin_weights(cp, mo, tid, N, K)
@@ -104,7 +151,7 @@ def main(argv=None) -> None:
                 te = bench_marlin(cp, mo, ws, M, K, stream, a_dtype="f32")[0] if M <= 64 else float("nan")
                 tg = bench_gguf(cp, qo, tid, N, K, M, stream) if M <= 8 else float("nan")
                 gbs = wbytes / t / 1e9
-                print(f"| {M} | {K} | {N} | {t * 1e6:.1f} | {gbs:.0f} | {p.slabs} | {tc * 1e6:.1f} | "
+                print(f"| {M} | {K} | {N} | {t * 1e6:.1f} | {gbs:.0f} | {p.kws}x{p.slabs} | {tc * 1e6:.1f} | "
                       f"{tc / t:.2f}x | {te * 1e6:.1f} | {tg * 1e6:.1f} |", flush=True)
                 rows.append({"type": tname, "M": M, "K": K, "N": N, "marlin_us": t * 1e6, "gbps": gbs,
                              "slabs": p.slabs, "kernel": p.kernel_name, "cublas_f16_us": tc * 1e6,
@@ -112,26 +159,22 @@ def main(argv=None) -> None:
             if args.sweep:
                 for M in (1, 16, 64):
                     res = []
-                    for s in (1, 2, 4, 8, 12, 16, 24, 32):
-                        if s <= K // 32:
-                            try:
-                                res.append((bench_marlin(cp, mo, ws, M, K, stream, slabs=s)[0] * 1e6, s))
-                            except ValueError:
-                                pass
-                    print(f"#   sweep {tname} M={M} K={K} N={N}: " +
-                          " ".join(f"s{s}={t:.1f}" for t, s in res) + f"  (default {bench_marlin(cp, mo, ws, M, K, stream)[1].slabs})")
-                    for cfg in [v for v in mo._VARIANTS if not v.endswith("glu") and
-                                mo._VARIANTS[v][0] == mo._config(M) and (tid == 2 or "_s" not in v)]:
-                        res = []
-                        for s in (None, 4, 8, 16, 32):
-                            try:
-                                tt, p = bench_marlin(cp, mo, ws, M, K, stream, slabs=s, config=cfg)
-                                res.append(f"s{p.slabs}{'*' if s is None else ''}={tt * 1e6:.1f}")
-                            except ValueError:
-                                pass
-                        print(f"#     variant {cfg}: " + " ".join(res))
+                    for kws in ((1, 2, 4, 8) if M <= 16 else (1,)):
+                        for s in (1, 2, 4, 8, 12, 16, 32):
+                            if s * kws <= K // 32:
+                                try:
+                                    res.append((bench_marlin(cp, mo, ws, M, K, stream, slabs=s, kws=kws)[0] * 1e6,
+                                                f"k{kws}s{s}"))
+                                except ValueError:
+                                    pass
+                    res.sort()
+                    p = bench_marlin(cp, mo, ws, M, K, stream)[1]
+                    print(f"#   sweep {tname} M={M} K={K} N={N} (best first): " +
+                          " ".join(f"{c}={t:.1f}" for t, c in res[:8]) + f"  (default k{p.kws}s{p.slabs})")
             del ws
             cp.get_default_memory_pool().free_all_blocks()
+    if args.layer:
+        bench_layer(cp, mo, qo, stream)
     if args.sweep:                                   # an lm head: the steady-state streaming rate
         for tname in args.types.split(","):
             tid = TYPES[tname]

@@ -12,7 +12,7 @@ if [[ " $what " == *" tests "* ]]; then
 fi
 if [[ " $what " == *" micro "* ]]; then
   extra=""; [[ " $what " == *" sweep "* ]] && extra="--sweep"
-  timeout 240 python3 benchmarks/bench_marlin.py --types Q4_0 $extra --json $OUT/marlin_q4_0.json 2>&1 | tee $OUT/marlin_bench.md
+  timeout 300 python3 benchmarks/bench_marlin.py --types Q4_0 --layer $extra --json $OUT/marlin_q4_0.json 2>&1 | tee $OUT/marlin_bench.md
   timeout 120 python3 benchmarks/bench_marlin.py --types Q4_1,Q4_K --ms 1,16,64 2>&1 | tee -a $OUT/marlin_bench.md
 fi
 if [[ " $what " == *" model "* ]]; then

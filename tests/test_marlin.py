@@ -111,7 +111,8 @@ def test_eligibility():
     from ggml_py.cuda import marlin_ops as mo
     assert mo.eligible(2, (4096, 4096)) and mo.eligible(12, (10, 256))
     assert not mo.eligible(12, (10, 128)) and not mo.eligible(8, (64, 64)) and not mo.eligible(2, (64,))
-    assert mo.should_repack(2, (4096, 4096), 9 << 20) and not mo.should_repack(2, (64, 64), 2304)
+    assert mo.should_repack(2, (14336, 4096), 33 << 20) and not mo.should_repack(2, (64, 64), 2304)
+    assert not mo.should_repack(2, (4096, 4096), 9 << 20)          # few output tiles: the GEMV is faster
 
 
 # -- GPU ------------------------------------------------------------------------------------------
@@ -190,14 +191,16 @@ def test_gemm_configs_and_slabs(cp, mo, t):
     mw = _marlin(cp, mo, t, raw, shape)
     for config in list(mo.MTS) + (list(mo.SWEEP_VARIANTS) if t == 2 else []):
         for M in (1, 5, 33):
-            for slabs in (1, 3, 8, shape[1] // 32):
+            for slabs, kws in ((1, 1), (3, 1), (8, 1), (shape[1] // 32, 1), (1, 8), (2, 4), (3, 2)):
+                if kws > 1 and M > 16:
+                    continue
                 a = rng.standard_normal((M, shape[1])).astype(np.float32)
-                p = mo.plan_gemm(mw, M, a_dtype="f16", config=config, slabs=slabs)
+                p = mo.plan_gemm(mw, M, a_dtype="f16", config=config, slabs=slabs, kws=kws)
                 for _ in range(2):
                     out = cp.full((M, shape[0]), np.nan, cp.float32)
                     p(cp.asarray(a.astype(np.float16)), [out])
                     e = _nmse(cp.asnumpy(out), a.astype(np.float64) @ ref_w.T)
-                    assert e <= NMSE, f"{TYPES[t]} config {config} M={M} slabs={slabs} seed {seed}: {e:.3g}"
+                    assert e <= NMSE, f"{TYPES[t]} config {config} M={M} slabs={slabs} kws={kws} seed {seed}: {e:.3g}"
 
 
 def _silu(x):

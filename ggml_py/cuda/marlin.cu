@@ -223,7 +223,7 @@ __device__ __forceinline__ void marlin_main(
         const u8* __restrict__ w0, const u8* __restrict__ w1, const u8* __restrict__ w2,
         float* o0, float* o1, float* o2, int N0, int N1, int N2, int t1, int t2, int t3,
         const void* __restrict__ Av, int a_f16, int M, int K, int lda,
-        const float* resid, int mode, int slabs, int cluster, float* part, u32* tickets) {
+        const float* resid, int mode, int slabs, int kws, int cluster, float* part, u32* tickets) {
     constexpr int NWT = GLU ? 2 : 1;               // weights a warp reads (gate and up together)
     constexpr int WST1 = MARLIN_WSTAGE * NWT;      // one group's bytes (codes + scales, both weights)
     constexpr int WST = WST1 * GPS;                // one warp's bytes of one stage (GPS groups)
@@ -232,12 +232,16 @@ __device__ __forceinline__ void marlin_main(
     const int G = K / 32;
     const int y = blockIdx.y;
     const int g0 = (int)((i64)y * G / slabs), g1 = (int)((i64)(y + 1) * G / slabs);
-    const int ng = g1 - g0;
-    const int kw = ng * 32;                        // k of the A window
+    const int ngc = g1 - g0;                       // groups of the CTA's slab
+    const int kw = ngc * 32;                       // k of the A window
     const int lds = kw + 8;                        // its row stride (halves): rows 16 bytes apart mod 128
     const int m0 = blockIdx.z * MR;
     const int rows = min(M - m0, MR);
-    const int t = blockIdx.x * 8 + warp;           // this warp's tile
+    // kws warps share a tile, each taking 1/kws of the slab's groups (reduced in shared memory)
+    const int sub = warp % kws;
+    const int t = blockIdx.x * (8 / kws) + warp / kws;   // this warp's tile
+    const int gw0 = g0 + (sub * ngc) / kws;        // this warp's groups: gw0 .. gw0 + ng
+    const int ng = g0 + ((sub + 1) * ngc) / kws - gw0;
     const bool active = t < t3;
     const int g = t < t1 ? 0 : (t < t2 ? 1 : 2);
     const int nt = t - (g == 0 ? 0 : (g == 1 ? t1 : t2));
@@ -278,8 +282,8 @@ __device__ __forceinline__ void marlin_main(
                 const int gi = i * GPS + q;
                 if (gi < ng) {
                     u8* dst = ring + slot * WST + q * WST1;
-                    copy_w(dst, W, L, g0 + gi);
-                    if (GLU) copy_w(dst + MARLIN_WSTAGE, w1, L1, g0 + gi);
+                    copy_w(dst, W, L, gw0 + gi);
+                    if (GLU) copy_w(dst + MARLIN_WSTAGE, w1, L1, gw0 + gi);
                 }
             }
         }
@@ -317,7 +321,7 @@ __device__ __forceinline__ void marlin_main(
         }
     }
     __syncthreads();
-    if (!active && !cluster) return;               // (in a cluster every CTA thread reaches its barriers)
+    if (!active && !cluster && kws == 1) return;   // (else every thread reaches the barriers below)
 
     float acc[NWT][MT][8][4];
 #pragma unroll
@@ -334,7 +338,7 @@ __device__ __forceinline__ void marlin_main(
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
         const int r = mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-        a_addr[mt] = r < rows ? smem_addr(sA + r * lds + (lane >> 4) * 8) : smem_addr(sZero);
+        a_addr[mt] = r < rows ? smem_addr(sA + r * lds + (gw0 - g0) * 32 + (lane >> 4) * 8) : smem_addr(sZero);
         a_mul[mt] = r < rows ? 2u : 0u;
     }
 
@@ -379,6 +383,39 @@ __device__ __forceinline__ void marlin_main(
         }
     }
     cp_wait<0>();
+    if (kws > 1) {                                 // the tile's other k-warps -> its first (sub == 0)
+        __syncthreads();                           // every ring is drained
+        float* red = reinterpret_cast<float*>(smem);             // [warp][w][rows][64]
+        if (active && sub != 0) {
+#pragma unroll
+            for (int w = 0; w < NWT; ++w)
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int t8 = 0; t8 < 8; ++t8)
+#pragma unroll
+                        for (int r = 0; r < 4; ++r) {
+                            const int row = mt * 16 + (lane >> 2) + (r >= 2 ? 8 : 0);
+                            const int col = t8 * 8 + 2 * (lane & 3) + (r & 1);
+                            if (row < rows) red[((warp * NWT + w) * rows + row) * 64 + col] = acc[w][mt][t8][r];
+                        }
+        }
+        __syncthreads();
+        if (!active || sub != 0) return;
+        for (int q = 1; q < kws; ++q)
+#pragma unroll
+            for (int w = 0; w < NWT; ++w)
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int t8 = 0; t8 < 8; ++t8)
+#pragma unroll
+                        for (int r = 0; r < 4; ++r) {
+                            const int row = mt * 16 + (lane >> 2) + (r >= 2 ? 8 : 0);
+                            const int col = t8 * 8 + 2 * (lane & 3) + (r & 1);
+                            if (row < rows) acc[w][mt][t8][r] += red[(((warp + q) * NWT + w) * rows + row) * 64 + col];
+                        }
+    }
 
     float* out = g == 0 ? o0 : (g == 1 ? o1 : o2);
     const int ncol0 = nt * 64;
@@ -408,7 +445,7 @@ __device__ __forceinline__ void marlin_main(
         const int e0 = (int)((i64)rank * total / slabs), e1 = (int)((i64)(rank + 1) * total / slabs);
         for (int e = e0 + threadIdx.x; e < e1; e += MARLIN_THREADS) {
             const int wp = e / per, rem = e - wp * per, row = rem >> 6, col = rem & 63;
-            const int te = blockIdx.x * 8 + wp;
+            const int te = blockIdx.x * 8 + wp;    // (cluster mode: kws == 1)
             if (te >= t3) continue;
             const int ge = te < t1 ? 0 : (te < t2 ? 1 : 2);
             const int nte = te - (ge == 0 ? 0 : (ge == 1 ? t1 : t2));
@@ -509,8 +546,8 @@ __device__ __forceinline__ void marlin_main(
 #define MARLIN_ARGS                                                                                   \
     const u8 *w0, const u8 *w1, const u8 *w2, float *o0, float *o1, float *o2, int N0, int N1, int N2, \
         int t1, int t2, int t3, const void *A, int a_f16, int M, int K, int lda, const float *resid,      \
-        int mode, int slabs, int cluster, float *part, u32 *tickets
-#define MARLIN_PASS w0, w1, w2, o0, o1, o2, N0, N1, N2, t1, t2, t3, A, a_f16, M, K, lda, resid, mode, slabs, cluster, part, tickets
+        int mode, int slabs, int kws, int cluster, float *part, u32 *tickets
+#define MARLIN_PASS w0, w1, w2, o0, o1, o2, N0, N1, N2, t1, t2, t3, A, a_f16, M, K, lda, resid, mode, slabs, kws, cluster, part, tickets
 
 // marlin_<type>_m<MT>[_glu]: 16*MT rows of A per tile; marlin_<type>_m1_s<STAGES>g<GPS>: pipeline
 // variants of the decode kernel for benchmarks/bench_marlin.py --sweep
@@ -691,40 +728,50 @@ __device__ __forceinline__ void marlin_getrows_body(const u8* W, const int* ids,
     for (int q = 0; q < 8; ++q) o[q] = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
 }
 
-// One thread per (tile, k-step, lane) of the tiles holding rows n0 .. n0 + rows (n0 % 64 == 0): its
-// 16 bytes of codes become 32 f16 values with the GEMM's own dequantization (f16 arithmetic).
+// The prefill path's f16 copy of rows n0 .. n0 + rows (n0 % 64 == 0): a CTA takes one 64-column tile
+// and 256 k; each warp decodes two k-steps (its lanes' 16-byte words, the GEMM's own f16
+// dequantization) into a shared-memory tile, which is then written out row by row, coalesced.
+#define DEQ_KC 256
 template <int QT>
 __device__ __forceinline__ void marlin_deq16_body(const u8* W, half* out, int N, int K, int n0, int rows) {
+    __shared__ __align__(16) half tile[64][DEQ_KC + 8];
     const Layout L = layout_of<QT>(N, K);
     const int KS = K / 16, G = L.groups;
-    const int ntr = (rows + 63) / 64;
-    const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (i64)ntr * KS * 32) return;
-    const int t = (int)(i & 31);
-    const i64 ts = i >> 5;
-    const int ks = (int)(ts % KS), nt = n0 / 64 + (int)(ts / KS);
-    const int grp = ks / 2;
-    half sv[8], mv[8];
-    lane_scales<QT>(W + L.gs + ((i64)nt * G + grp) * (QT == 1 ? 256 : 128),
-                    W + L.ss + ((i64)nt * (G / 8) + grp / 8) * 256, t, sv, mv);
-    const uint4 wq = reinterpret_cast<const uint4*>(W)[((i64)nt * KS + ks) * 32 + t];
-    const u32 wv[4] = {wq.x, wq.y, wq.z, wq.w};
-    const int k = ks * 16 + 2 * (t & 3);
+    const int nt = n0 / 64 + blockIdx.x;
+    const int k0 = blockIdx.y * DEQ_KC;
+    const int kc = min(DEQ_KC, K - k0);
+    const int warp = threadIdx.x >> 5, t = threadIdx.x & 31;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        u32 b[4];
-        dequant_word<QT>(wv[j], __half2half2(sv[2 * j]), __half2half2(mv[2 * j]),
-                         __half2half2(sv[2 * j + 1]), __half2half2(mv[2 * j + 1]), b);
+    for (int h2 = 0; h2 < 2; ++h2) {
+        const int kl = (2 * warp + h2) * 16;       // k-step inside the chunk
+        if (kl >= kc) break;
+        const int ks = (k0 + kl) / 16, grp = ks / 2;
+        half sv[8], mv[8];
+        lane_scales<QT>(W + L.gs + ((i64)nt * G + grp) * (QT == 1 ? 256 : 128),
+                        W + L.ss + ((i64)nt * (G / 8) + grp / 8) * 256, t, sv, mv);
+        const uint4 wq = reinterpret_cast<const uint4*>(W)[((i64)nt * KS + ks) * 32 + t];
+        const u32 wv[4] = {wq.x, wq.y, wq.z, wq.w};
+        const int k = kl + 2 * (t & 3);
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int n = nt * 64 + j * 16 + (t >> 2) + 8 * h;
-            const int r = n - n0;
-            if (r < rows && n < N) {
-                u32* o = reinterpret_cast<u32*>(out + (i64)r * K + k);
-                o[0] = b[2 * h];
-                o[4] = b[2 * h + 1];
+        for (int j = 0; j < 4; ++j) {
+            u32 b[4];
+            dequant_word<QT>(wv[j], __half2half2(sv[2 * j]), __half2half2(mv[2 * j]),
+                             __half2half2(sv[2 * j + 1]), __half2half2(mv[2 * j + 1]), b);
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int c = j * 16 + (t >> 2) + 8 * h;
+                *reinterpret_cast<u32*>(&tile[c][k]) = b[2 * h];
+                *reinterpret_cast<u32*>(&tile[c][k + 8]) = b[2 * h + 1];
             }
         }
+    }
+    __syncthreads();
+    const int cpr = kc / 8;                        // 16-byte chunks per row
+    for (int i = threadIdx.x; i < 64 * cpr; i += blockDim.x) {
+        const int c = i / cpr, q = i - c * cpr;
+        const int n = nt * 64 + c, r = n - n0;
+        if (r < rows && n < N)
+            *reinterpret_cast<uint4*>(out + (i64)r * K + k0 + q * 8) = *reinterpret_cast<const uint4*>(&tile[c][q * 8]);
     }
 }
 

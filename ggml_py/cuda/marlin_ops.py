@@ -158,6 +158,8 @@ _VARIANTS = {"m1": (1, False, 4, 2), "m1_glu": (1, True, 4, 1), "m2": (2, False,
 SWEEP_VARIANTS = tuple(k for k in _VARIANTS if "_s" in k)
 MTS = (1, 2, 4)
 _RED_COST = 0.15                       # cost of one partial row of one slab, in groups (fitted)
+_RED_CLUSTER = 0.02                    # the same through a cluster's shared memory
+_RED_CTA = 0.3                         # per k-warp of a reduction inside a CTA
 
 
 MAX_CLUSTER = 16                       # slabs reduced through a thread-block cluster (H100: 16, non-portable)
@@ -168,11 +170,11 @@ def cluster_enabled() -> bool:
     return os.environ.get("GGFLAT_MARLIN_CLUSTER", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def _smem_bytes(variant: str, rows: int, kw: int, cluster: bool = False) -> int:
+def _smem_bytes(variant: str, rows: int, kw: int, cluster: bool = False, kws: int = 1) -> int:
     mt, glu, stages, gps = _VARIANTS[variant]
     nwt = 2 if glu else 1
     ring = 8 * stages * gps * WSTAGE * nwt + rows * (kw + 8) * 2 + 16
-    return max(ring, nwt * 8 * rows * 64 * 4) if cluster else ring
+    return max(ring, nwt * 8 * rows * 64 * 4) if (cluster or kws > 1) else ring
 
 
 def _ctas_per_sm(regs: int, smem: int) -> int:
@@ -183,29 +185,64 @@ def _ctas_per_sm(regs: int, smem: int) -> int:
     return max(1, min(by_regs, by_smem))
 
 
-def choose_slabs(tiles: int, m_tiles: int, groups: int, rows: int, variant: str, regs: int, sms: int) -> int:
-    """The k-split. Enough tiles for one CTA per SM: no split. Otherwise, among the splits whose
-    CTAs are all resident at once (or the first that fits in shared memory), the cheapest in units
-    of one warp's group: the groups a warp
-    streams times the CTAs per SM (one CTA of 8 warps already draws an SM's share of the
-    bandwidth), plus the last warp's reduction of rows x 64 partials per slab. Fitted to the sweep
-    of benchmarks/bench_marlin.py --sweep (H100, 2026-11-24)."""
-    per_slab = -(-tiles // 8) * m_tiles
-    if per_slab >= sms and _smem_bytes(variant, rows, groups * 32) <= SMEM_LIMIT:
-        return 1
+def choose_split(tiles: int, m_tiles: int, groups: int, rows: int, variant: str, regs: int,
+                 sms: int) -> tuple[int, int]:
+    """(kws, slabs): the k-split inside a CTA (kws warps per tile, reduced in shared memory; 8 // kws
+    tiles a CTA) and across CTAs (slabs, reduced in a cluster or through global partials).
+
+    Cost, in units of one warp's group: the groups a warp streams times the waves of CTAs (a wave
+    = one CTA per SM: one CTA of 8 warps already draws an SM's share of the bandwidth), plus the
+    reductions: per partial row and slab 0.15 through global memory, 0.02 through a cluster's shared
+    memory; (0.3 + 0.05 rows) per k-warp for the reduction inside a CTA.
+    Among the splits whose CTAs are all resident at once (or the first that fits in shared memory).
+    Fitted to the sweeps of benchmarks/bench_marlin.py --sweep (H100, 2026-11-24)."""
     best, best_cost = None, None
+    for kws in (1, 2, 4, 8):
+        if kws > 1 and rows > 16:
+            continue
+        per_slab = -(-tiles // (8 // kws)) * m_tiles
+        found = False
+        for s in range(1, groups + 1):
+            if s * kws > groups:
+                break
+            kw = -(-groups // s) * 32
+            smem = _smem_bytes(variant, rows, kw, _use_cluster(s, rows, kws), kws)
+            if smem > SMEM_LIMIT:
+                continue
+            ctas = per_slab * s
+            if found and ctas > sms * _ctas_per_sm(regs, smem):
+                break                              # more CTAs than fit at once: only worse from here
+            found = True
+            red = 0.0 if s == 1 else (_RED_CLUSTER if _use_cluster(s, rows, kws) else _RED_COST) * rows * s
+            cost = (groups / (s * kws)) * -(-ctas // sms) + red + (_RED_CTA + 0.05 * rows) * kws * (kws > 1)
+            if best_cost is None or cost < best_cost - 1e-9:
+                best, best_cost = (kws, s), cost
+    return best or (1, groups)
+
+
+def choose_slabs(tiles: int, m_tiles: int, groups: int, rows: int, variant: str, regs: int, sms: int) -> int:
+    """The slabs of choose_split with one warp per tile (kws = 1)."""
+    best, best_cost = None, None
+    per_slab = -(-tiles // 8) * m_tiles
     for s in range(1, groups + 1):
         kw = -(-groups // s) * 32
-        smem = _smem_bytes(variant, rows, kw, 1 < s <= MAX_CLUSTER and rows > CLUSTER_MIN_ROWS)
+        smem = _smem_bytes(variant, rows, kw, _use_cluster(s, rows, 1))
         if smem > SMEM_LIMIT:
             continue
         ctas = per_slab * s
         if best is not None and ctas > sms * _ctas_per_sm(regs, smem):
-            break                                  # more CTAs than fit at once: only worse from here
-        cost = (groups / s) * -(-ctas // sms) + _RED_COST * rows * s
+            break
+        red = 0.0 if s == 1 else (_RED_CLUSTER if _use_cluster(s, rows, 1) else _RED_COST) * rows * s
+        cost = (groups / s) * -(-ctas // sms) + red
         if best_cost is None or cost < best_cost - 1e-9:
             best, best_cost = s, cost
     return best or groups
+
+
+def _use_cluster(slabs: int, rows: int, kws: int) -> bool:
+    """Slabs reduced in a cluster's shared memory: a win from 16 rows up (H100: 4096x14336 M=16
+    30.3 -> 24.6 us); a loss for 1-4 rows, where the co-scheduling costs more than the tickets."""
+    return 1 < slabs <= MAX_CLUSTER and rows > CLUSTER_MIN_ROWS and kws == 1 and cluster_enabled()
 
 
 class MarlinPlan:
@@ -215,7 +252,7 @@ class MarlinPlan:
     name suffix of _VARIANTS (benchmarks)."""
 
     def __init__(self, ws, M: int, *, a_dtype: str = "f32", glu: str | None = None, residual: bool = False,
-                 slabs: int | None = None, config: int | str | None = None) -> None:
+                 slabs: int | None = None, config: int | str | None = None, kws: int | None = None) -> None:
         import cupy
         ws = tuple(ws)
         if not 1 <= len(ws) <= 3 or not all(isinstance(w, MarlinWeight) for w in ws):
@@ -254,18 +291,22 @@ class MarlinPlan:
         self.t_cum = np.cumsum(tiles + [0] * (3 - len(tiles))).tolist()
         T, G = self.t_cum[2], K // 32
         self._kern, regs = _function(self.kernel_name, 200 << 10)
-        self.slabs = int(slabs) if slabs else choose_slabs(T, self.m_tiles, G, rows, variant, regs, sm_count())
-        if not 1 <= self.slabs <= G:
-            raise ValueError(f"Marlin: slabs must be in 1..{G}")
+        if slabs or kws:
+            self.kws = int(kws or 1)
+            self.slabs = int(slabs) if slabs else choose_slabs(T, self.m_tiles, G, rows, variant, regs, sm_count())
+        else:
+            self.kws, self.slabs = choose_split(T, self.m_tiles, G, rows, variant, regs, sm_count())
+        if self.kws not in (1, 2, 4, 8) or (self.kws > 1 and rows > 16):
+            raise ValueError(f"Marlin: kws must be 1, 2, 4 or 8 (1 above 16 rows), got {self.kws}")
+        if not 1 <= self.slabs <= G or self.slabs * self.kws > G:
+            raise ValueError(f"Marlin: slabs must be in 1..{G // self.kws}")
         kw = -(-G // self.slabs) * 32
         # slabs reduced in a cluster's shared memory (no partials in global memory, no tickets)
-        # (measured on the H100: a win from 16 rows up -- 4096x14336 M=16 30.3 -> 24.6 us -- and a
-        # loss for 1-4 rows, where the cluster's co-scheduling costs more than the ticket reduction)
-        self.cluster = 1 < self.slabs <= MAX_CLUSTER and rows > CLUSTER_MIN_ROWS and cluster_enabled()
-        self.smem = _smem_bytes(variant, rows, kw, self.cluster)
+        self.cluster = _use_cluster(self.slabs, rows, self.kws)
+        self.smem = _smem_bytes(variant, rows, kw, self.cluster, self.kws)
         if self.smem > SMEM_LIMIT:
             raise ValueError(f"Marlin: {self.smem} bytes of shared memory needed; use more slabs")
-        self.grid = (-(-T // 8), self.slabs, self.m_tiles)
+        self.grid = (-(-T // (8 // self.kws)), self.slabs, self.m_tiles)
         nwt = 2 if glu else 1
         self.part = (cupy.empty(nwt * self.slabs * self.M * T * 64, cupy.float32)
                      if self.slabs > 1 and not self.cluster else None)
@@ -308,7 +349,7 @@ class MarlinPlan:
                 os_[0], os_[1], os_[2], np.int32(Ns[0]), np.int32(Ns[1]), np.int32(Ns[2]),
                 np.int32(t1), np.int32(t2), np.int32(t3), a, np.int32(1 if self.a_dtype == "f16" else 0),
                 np.int32(M), np.int32(K), np.int32(lda), resid if self.residual else None, np.int32(self.mode),
-                np.int32(self.slabs), np.int32(1 if self.cluster else 0), self.part, self.tickets)
+                np.int32(self.slabs), np.int32(self.kws), np.int32(1 if self.cluster else 0), self.part, self.tickets)
         kern, grid, smem = self._kern, self.grid, self.smem
         if hasattr(kern, "ptr"):            # a driver function: launch with PDL (launch.py)
             from .launch import launcher
@@ -322,7 +363,7 @@ class MarlinPlan:
 def plan_gemm(ws, M: int, **kw) -> MarlinPlan:
     """A MarlinPlan (cached on the first weight for the default choices)."""
     ws = tuple(ws) if isinstance(ws, (list, tuple)) else (ws,)
-    if kw.get("slabs") is None and kw.get("config") is None:
+    if kw.get("slabs") is None and kw.get("config") is None and kw.get("kws") is None:
         key = ("gemm", tuple(id(w) for w in ws), int(M), kw.get("a_dtype", "f32"), kw.get("glu"),
                bool(kw.get("residual", False)))
         p = ws[0]._plans.get(key)
@@ -362,27 +403,33 @@ def plan_dequant16(w: MarlinWeight, out16, n0: int, rows: int, stream=None) -> C
     fn = _function(f"marlin_deq16_{_NAMES[w.ggml_type]}")
     cs = stream if stream is not None else cupy.cuda.get_current_stream()
     args = (w.data, out16, np.int32(N), np.int32(K), np.int32(n0), np.int32(rows))
-    grid = _grid1(-(-rows // 64) * (K // 16) * 32, 128)
-    return lambda: fn(grid, (128,), args, 0, cs)
+    grid = (-(-rows // 64), -(-K // 256))
+    return lambda: fn(grid, (256,), args, 0, cs)
 
 
 def enabled() -> str:
-    """GGFLAT_MARLIN: "auto" (default: repack weights of at least MIN_BYTES), "all", or "off"."""
+    """GGFLAT_MARLIN: "auto" (default: see should_repack), "all", or "off"."""
     v = os.environ.get("GGFLAT_MARLIN", "auto").strip().lower()
     return {"0": "off", "false": "off", "no": "off", "1": "all", "on": "all"}.get(v, v)
 
 
-# Weights smaller than this keep their GGUF blocks and the fused GEMV kernels of quant.cu: for
-# SmolLM2/Gemma-sized matrices (< 2 MB) a launch's fixed cost dominates and the grouped GEMVs
-# (norm, rope and glu folded in) are the faster path.
+# Which weights the default ("auto") repacks, from the decode (n = 1) measurements of
+# benchmarks/bench_marlin.py --layer on the H100 (Llama-3-8B Q4_0 layer, us per launch, Marlin vs
+# the GGUF GEMV kernels): gate/up + swiglu 31.3 vs 38.8 and the lm head (128256 x 4096) 108.8 vs
+# ~180 -- many 64-column tiles, no k-split needed -- but q/k/v 13.8 vs 11.1, o 13.5 vs 8.7 and
+# down 23.7 vs 21.6, where 4096 outputs leave only 64 tiles and the k-split's reduction costs more
+# than the layout saves. So: at least MIN_ROWS outputs. Smaller weights (SmolLM2/Gemma-3 sizes)
+# keep the fused GEMVs (norm, rope and glu folded in). GGFLAT_MARLIN=all repacks every 4-bit
+# weight (batched decode and speculative verification, M = 4..64, gain everywhere but 4096 x 4096).
 MIN_BYTES = 2 << 20
+MIN_ROWS = 8192
 
 
 def should_repack(ggml_type: int, shape: tuple[int, ...], nbytes: int) -> bool:
     mode = enabled()
     if mode == "off" or not eligible(ggml_type, tuple(shape)):
         return False
-    return mode == "all" or nbytes >= MIN_BYTES
+    return mode == "all" or (nbytes >= MIN_BYTES and int(shape[0]) >= MIN_ROWS)
 
 
 __all__ = ["MarlinWeight", "MarlinPlan", "eligible", "repack", "plan_gemm", "plan_get_rows", "plan_dequant16",
