@@ -100,16 +100,21 @@ class Generator:
         self.stats.prompt_seconds = time.perf_counter() - t0
         self.stats.prompt_tokens = len(self.prompt_ids)
 
-        # Greedy without penalties or logprobs needs no logits on the host: the decode graph
-        # ends in an argmax and only the token id comes back (one 4-byte copy per token).
+        # Without logprobs no logits need to come to the host: the decode graph ends in ops.sample
+        # (or, where the backend cannot sample, greedy without penalties ends in an argmax) and
+        # only the token id comes back, one 4-byte copy per token. The first token comes from the
+        # prefill's logits, drawn on the host by the op's twin (the same Philox stream and
+        # algorithm), so a seed reproduces the whole generation on either backend.
         p = self.sampler.params
-        device_greedy = (p.greedy and self.n_top == 0 and not self.want_logprobs and p.repeat_penalty == 1.0
+        plain = self.n_top == 0 and not self.want_logprobs
+        on_device = plain and model.can_sample_on_device(self.sampler.history_width)
+        device_greedy = (not on_device and plain and p.greedy and p.repeat_penalty == 1.0
                          and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0)
         next_id: int | None = None
         while True:
             t0 = time.perf_counter()
             if next_id is None:
-                tid = self.sampler.sample(logits)
+                tid = self.sampler.sample_op(logits) if on_device else self.sampler.sample(logits)
                 logprob = float(logits[tid]) - logsumexp(logits)
             else:
                 tid, logprob = next_id, float("nan")
@@ -132,7 +137,9 @@ class Generator:
                 self.stats.stop_reason = "context"
                 break
             t0 = time.perf_counter()
-            if device_greedy:
+            if on_device:
+                next_id = int(model.forward(self.cache, self.seq, [tid], sample=self.sampler.op_inputs())[-1])
+            elif device_greedy:
                 next_id = int(model.forward(self.cache, self.seq, [tid], greedy=True)[-1])
             else:
                 logits = model.forward(self.cache, self.seq, [tid])[-1]

@@ -34,7 +34,8 @@ class Model:
         self.tokenizer = Tokenizer.from_gguf(gf)
         self.config = ModelConfig.from_metadata(gf.metadata, n_vocab=self.tokenizer.n_vocab)
         self.weight_table = WeightTable({name: (ti.shape, ti.type_name) for name, ti in gf.tensors.items()})
-        self._plans: dict[tuple[int, int, int], Plan] = {}
+        self._plans: dict[tuple, Plan] = {}
+        self._can_sample: dict[int, bool] = {}
 
         # The weights a graph uses are exactly what the backend must hold: build a
         # one-token graph to learn them (building is cheap and checks every shape).
@@ -79,24 +80,48 @@ class Model:
         return PagedKVCache(spec, self.backend.alloc_kv(spec), n_ctx)
 
     # -- running ----------------------------------------------------------------------
-    def _plan(self, n_tokens: int, n_out: int, max_pages: int, greedy: bool = False) -> Plan:
-        key = (n_tokens, n_out, max_pages) + (("argmax",) if greedy else ())
+    def _plan(self, n_tokens: int, n_out: int, max_pages: int, greedy: bool = False,
+              sample_w: int | None = None) -> Plan:
+        key = ((n_tokens, n_out, max_pages) + (("argmax",) if greedy else ())
+               + (("sample", sample_w) if sample_w is not None else ()))
         plan = self._plans.get(key)
         if plan is None:
             graph = self.arch.build_graph(self.config, self.weight_table, n_tokens, n_out, max_pages)
             if greedy:      # the argmax runs on the device: 4 bytes a row come back, not the logits
                 graph.output("argmax", ops.argmax(graph.outputs.pop("logits")))
+            elif sample_w is not None:   # so does the sampler: its settings, seed, counter and history are inputs
+                logits = graph.outputs.pop("logits")
+                n = logits.shape[0]
+                hist = graph.input("sample_history", (n, sample_w), "i32") if sample_w else None
+                graph.output("sample", ops.sample(logits, graph.input("sample_params", (n, 8), "f32"),
+                                                  graph.input("sample_state", (n, 8), "i32"), hist))
             plan = self._plans[key] = self.backend.plan(graph)
         return plan
 
+    def can_sample_on_device(self, history_width: int = 0) -> bool:
+        """Whether the backend runs ops.sample for this vocabulary and penalty window (the CuPy
+        kernels hold a row in shared memory and a window of at most 1024 tokens)."""
+        ok = self._can_sample.get(history_width)
+        if ok is None:
+            from ggml_py import Graph
+            g = Graph("sample-probe")
+            hist = g.input("h", (1, history_width), "i32") if history_width else None
+            t = ops.sample(g.input("logits", (1, self.n_vocab)), g.input("p", (1, 8)), g.input("s", (1, 8), "i32"), hist)
+            ok = self._can_sample[history_width] = bool(self.backend.supports(t))
+        return ok
+
     def forward(self, cache: PagedKVCache, seq: Sequence, tokens: Seq[int] | np.ndarray,
-                out_rows: Seq[int] | np.ndarray | None = None, greedy: bool = False) -> np.ndarray:
+                out_rows: Seq[int] | np.ndarray | None = None, greedy: bool = False,
+                sample: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """Append ``tokens`` to ``seq`` and return logits (len(out_rows), n_vocab) f32, or with
-        ``greedy`` the argmax token ids (len(out_rows),) int32 (ties: the lowest id).
+        ``greedy`` the argmax token ids (len(out_rows),) int32 (ties: the lowest id), or with
+        ``sample`` the ids drawn on the device by ops.sample.
 
         out_rows: which of the new tokens' logits to return (default: the last one).
-        greedy: raises NonFiniteLogitsError when a row's logits are not finite (NaN, +inf, all -inf),
-        as the sampler would.
+        sample: ops.sample's inputs for the out rows, ``{"sample_params": (r, 8) f32,
+        "sample_state": (r, 8) i32[, "sample_history": (r, W) i32]}`` (``Sampler.op_inputs``).
+        greedy / sample: raise NonFiniteLogitsError when a row's logits are not finite (NaN, +inf,
+        all -inf), as the sampler would (SamplingError when the penalties overflow).
         """
         tokens = np.asarray(tokens, dtype=np.int32)
         n = int(tokens.shape[0])
@@ -114,18 +139,28 @@ class Model:
             "block_table": seq.block_table(), "kv_len": np.array([seq.length], dtype=np.int32),
             "out_ids": out_ids,
         }
+        sample_w = None
+        if sample is not None and not greedy:
+            inputs.update(sample)
+            h = sample.get("sample_history")
+            sample_w = int(h.shape[1]) if h is not None else 0
         try:
-            out = self.backend.run(self._plan(n, len(out_ids), seq.max_pages, greedy), inputs, cache.storage)
+            out = self.backend.run(self._plan(n, len(out_ids), seq.max_pages, greedy, sample_w), inputs, cache.storage)
         except BaseException:
             seq.truncate(start)   # keep the sequence consistent with what the cache holds
             raise
-        if not greedy:
-            return out["logits"]
-        ids = out["argmax"]
-        if (ids < 0).any():       # ops.argmax: -1 where the row's maximum is not finite
-            from engine.sampling import NonFiniteLogitsError
-            raise NonFiniteLogitsError("model produced NaN or infinite logits")
-        return ids
+        if greedy:
+            ids = out["argmax"]
+            if (ids < 0).any():       # ops.argmax: -1 where the row's maximum is not finite
+                from engine.sampling import NonFiniteLogitsError
+                raise NonFiniteLogitsError("model produced NaN or infinite logits")
+            return ids
+        if sample_w is not None:
+            from engine.sampling import check_sampled
+            ids = out["sample"]
+            check_sampled(ids)        # ops.sample: -1 non-finite logits, -2 penalties overflowed
+            return ids
+        return out["logits"]
 
     def prefill(self, cache: PagedKVCache, seq: Sequence, tokens: Seq[int], n_batch: int = DEFAULT_BATCH,
                 all_logits: bool = False) -> np.ndarray:

@@ -39,6 +39,14 @@ common/sampling.cpp of the vendored llama.cpp in llama_cpp_python 0.3.36):
   run exactly; a GPU kernel with its own (Philox) RNG will pick different tokens
   and is checked against :meth:`Sampler.allowed_probs`, not token by token.
 
+Sampling on the device.  ``ggml_py.ops.sample`` draws inside the decode graph (the CUDA kernels
+of ggml_py/cuda/sampling.cu; on the NumPy backend its twin ``ggml_py.sample_ref``): the same
+distribution, drawn by FlashInfer-style rejection sampling with a Philox4x32-10 stream keyed by
+the seed and counted by draws.  :meth:`Sampler.op_inputs` gives one row of its inputs (the
+penalty window travels as a token list) and :meth:`Sampler.sample_op` draws exactly as the op
+does on the host, so a generation that samples on the device reproduces from its seed on
+either backend.
+
 Ties.  All filters are prefixes of one total order: logit descending, then token id
 ascending.  top-k keeps exactly ``k`` tokens and a tie straddling the k-th place is
 broken towards the lower id; top-p likewise stops at its crossing token even when
@@ -79,7 +87,7 @@ from engine.errors import GGFlatError
 
 __all__ = [
     "SamplingParams", "Sampler", "SamplingError", "NonFiniteLogitsError",
-    "log_softmax", "top_logprobs",
+    "log_softmax", "top_logprobs", "check_sampled",
 ]
 
 
@@ -261,6 +269,7 @@ class Sampler:
             seed = int(np.random.SeedSequence().generate_state(1, np.uint32)[0])
         self.seed = int(seed)
         self._rng = np.random.Generator(np.random.PCG64(self.seed))
+        self.n_draws = 0                           # ops.sample draws so far: the Philox counter
 
     def accept(self, token_id: int) -> None:
         """Push an accepted token (prompt or generated) into the penalty window."""
@@ -279,6 +288,43 @@ class Sampler:
                 self._counts[old] = c
             else:
                 del self._counts[old]
+
+    # -- sampling with ops.sample (the device path)
+
+    @property
+    def history_width(self) -> int:
+        """Width of ops.sample's history input: ``repeat_last_n`` with penalties on, else 0 (none)."""
+        return self.params.repeat_last_n if self._penalties_on else 0
+
+    def op_inputs(self) -> dict[str, np.ndarray]:
+        """One row of ops.sample's inputs for the next draw, and count the draw.
+
+        ``{"sample_params": (1, 8) f32, "sample_state": (1, 8) i32}`` plus, with penalties on,
+        ``"sample_history": (1, repeat_last_n) i32`` (the accepted tokens, -1 padded)."""
+        from ggml_py.sample_ref import pack_row
+
+        p = self.params
+        prm, st = pack_row(p.temperature, p.top_k, p.top_p, p.min_p, p.repeat_penalty, p.frequency_penalty,
+                           p.presence_penalty, seed=self.seed, counter=self.n_draws)
+        self.n_draws += 1
+        out = {"sample_params": prm[None], "sample_state": st[None]}
+        w = self.history_width
+        if w:
+            h = np.full((1, w), -1, np.int32)
+            h[0, :len(self._history)] = list(self._history)
+            out["sample_history"] = h
+        return out
+
+    def sample_op(self, logits) -> int:
+        """Draw the next token on the host exactly as ops.sample would (its Philox stream and
+        rejection sampling, ``ggml_py.sample_ref``); raises as :meth:`sample` does."""
+        from ggml_py.sample_ref import sample_rows
+
+        l = _as_logits(logits, self.n_vocab)
+        inp = self.op_inputs()
+        ids = sample_rows(l[None], inp["sample_params"], inp["sample_state"], inp.get("sample_history"))
+        check_sampled(ids)
+        return int(ids[0])
 
     # -- the chain
 
@@ -381,6 +427,15 @@ class Sampler:
         if i >= ids.shape[0]:  # u * total rounded up to the total
             i = int(np.flatnonzero(probs)[-1])
         return int(ids[i])
+
+
+def check_sampled(ids: np.ndarray) -> None:
+    """Raise the sampler's errors for ops.sample's error codes (-1 non-finite logits, -2 penalties
+    that overflowed)."""
+    if ids.size and int(ids.min()) < 0:
+        if (ids == -2).any():
+            raise SamplingError("repeat/frequency/presence penalties overflowed the logits; use smaller penalties")
+        raise NonFiniteLogitsError("model produced NaN or infinite logits (or masked every token)")
 
 
 # ---------------------------------------------------------------------------- logprobs

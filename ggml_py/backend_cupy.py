@@ -464,7 +464,7 @@ class CupyBackend(Backend):
     _OPS = {"get_rows": "_get_rows", "mul_mat": "_mul_mat", "add": "_binary", "mul": "_binary",
             "scale": "_scale", "silu": "_unary", "gelu": "_unary", "swiglu": "_glu", "geglu": "_glu",
             "rms_norm": "_rms_norm", "soft_max": "_soft_max", "rope": "_rope", "kv_store": "_kv_store",
-            "attention": "_attention", "argmax": "_argmax"}
+            "attention": "_attention", "argmax": "_argmax", "sample": "_sample"}
 
     def __init__(self, cuda_graphs: bool | None = None, graph_io: bool = True, device: Any = None,
                  fuse_mm: bool | int | None = None) -> None:
@@ -594,6 +594,9 @@ class CupyBackend(Backend):
             return 1 <= node.ndim <= 4
         if op == "argmax":
             return node.src[0].ndim == 2
+        if op == "sample":                  # a vocabulary that fits the kernels' shared memory
+            from .cuda import sampling_ops
+            return sampling_ops.supported(node.src[0].shape[1], node.src[3].shape[1] if len(node.src) > 3 else 0)
         if op == "get_rows":
             return True
         return op in self._OPS
@@ -1160,6 +1163,12 @@ class CupyBackend(Backend):
     def _argmax(self, b: _Builder, t: Tensor) -> None:
         from .cuda import elementwise_ops as ew
         self._emit(b, ew.prepare_argmax(b.vals[t.src[0].index], b.vals[t.index], self.stream))
+
+    def _sample(self, b: _Builder, t: Tensor) -> None:
+        from .cuda import sampling_ops as so           # parameters, seed, counter, history: device inputs
+        x, prm, st = (b.vals[s.index] for s in t.src[:3])
+        hist = b.vals[t.src[3].index] if len(t.src) > 3 else None
+        self._emit(b, so.prepare_sample(x, prm, st, hist, b.vals[t.index], self.stream))
 
     def _kv_store(self, b: _Builder, t: Tensor) -> None:
         kv, k, v, slots, pos = t.src

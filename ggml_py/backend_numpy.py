@@ -281,7 +281,7 @@ class NumpyBackend(Backend):
             "scale": self._scale, "silu": self._silu, "gelu": self._gelu, "swiglu": self._swiglu,
             "geglu": self._geglu, "reshape": self._reshape, "rms_norm": self._rms_norm,
             "soft_max": self._soft_max, "rope": self._rope_op, "kv_store": self._kv_store,
-            "attention": self._attention, "argmax": self._argmax,
+            "attention": self._attention, "argmax": self._argmax, "sample": self._sample,
         }
 
     # -- memory -------------------------------------------------------------------------
@@ -504,6 +504,16 @@ class NumpyBackend(Backend):
                    partial(np.maximum.reduce, x, -1, None, mx),     # NaN propagates
                    partial(np.isfinite, mx, out=bad), partial(np.logical_not, bad, out=bad),
                    partial(np.copyto, y, np.int32(-1), "same_kind", bad))   # max not finite: -1
+
+    @staticmethod
+    def _sample(b: _Builder, t: Tensor) -> None:
+        from .sample_ref import sample_rows        # the GPU kernel's algorithm and Philox stream
+        x, prm, st = (b.val(s) for s in t.src[:3])
+        hist = b.val(t.src[3]) if len(t.src) > 3 else None
+        y = b.out(t).view(np.int32)
+        b.vals[t.index] = y
+        if y.size:
+            b.emit(partial(sample_rows, x, prm, st, hist, y))
 
     # -- rope ----------------------------------------------------------------------------
     def _rope_tables(self, key: tuple[int, float, float], need: int) -> tuple[np.ndarray, np.ndarray]:

@@ -127,6 +127,37 @@ def argmax(x: Tensor) -> Tensor:
     return _node("argmax", (x.shape[0],), "i32", (x,))
 
 
+def sample(logits: Tensor, params: Tensor, state: Tensor, history: Tensor | None = None) -> Tensor:
+    """A token drawn from each row of ``logits`` with that row's sampling settings (sampling on the
+    device: only the ids come back; the GPU kernels are ggml_py/cuda/sampling.cu).
+
+    logits: (n, V) f32; params: (n, 8) f32 [temperature, top_p, log_min_p, repeat_penalty,
+    frequency_penalty, presence_penalty, 0, 0]; state: (n, 8) i32 [top_k, seed_lo, seed_hi,
+    counter_lo, counter_hi, 0, 0, 0]; history: (n, W) i32, the row's last accepted tokens (-1 or any
+    id outside [0, V): empty), or None (no penalties). ``ggml_py.sample_ref.pack_row`` builds a row.
+    -> (n,) i32.
+
+    Distribution: engine.sampling's chain (llama.cpp: penalties -> top-k -> top-p -> min-p ->
+    temperature; top-p and min-p on the T = 1 penalised distribution, every filter a prefix of
+    (logit desc, id asc)); temperature <= 0 is greedy (argmax of the penalised logits, lowest id).
+    The draw is a function of (logits, params, seed, counter): ``ggml_py.sample_ref`` (the NumPy
+    backend) and the GPU use the same Philox4x32-10 stream and rejection algorithm, so they agree
+    except where float rounding differs. A row whose logits are not finite (NaN, +inf, every one
+    -inf, before or after the penalties) gives -1; penalties that overflow give -2.
+    """
+    _act(logits, "sample")
+    _need(logits.ndim == 2 and logits.shape[1] >= 1, f"sample: logits must be (n, V) with V >= 1, got {logits.shape}")
+    n = logits.shape[0]
+    _need(params.shape == (n, 8) and params.dtype == "f32", f"sample: params must be ({n}, 8) f32, got {params}")
+    _need(state.shape == (n, 8) and state.dtype == "i32", f"sample: state must be ({n}, 8) i32, got {state}")
+    src = (logits, params, state)
+    if history is not None:
+        _need(history.ndim == 2 and history.shape[0] == n and history.shape[1] >= 1 and history.dtype == "i32",
+              f"sample: history must be ({n}, W >= 1) i32, got {history}")
+        src += (history,)
+    return _node("sample", (n,), "i32", src)
+
+
 # -- shape ----------------------------------------------------------------------
 
 def reshape(a: Tensor, shape: tuple[int, ...]) -> Tensor:
