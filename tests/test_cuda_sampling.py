@@ -455,6 +455,27 @@ def test_gpu_distribution_vocab(V, name, params):
     check_distribution(gpu_counts(cp, logits, params, None, n_total=n, batch=1 << 16), probs, f"gpu V={V} {name}")
 
 
+@pytest.mark.parametrize("n,V", [(1, 49152), (16, 49152), (64, 49152), (1, 128256), (64, 128256),
+                                 (1, 262144), (64, 262144)])
+def test_gpu_default_geometry_launches(n, V):
+    """Every batch x vocabulary of the benchmark launches with its default cluster and shared memory
+    (64 x 49152 once asked for exactly 48 KB of dynamic shared memory on top of the static: refused
+    without the opt-in) and draws only allowed tokens."""
+    cp = _cupy()
+    from ggml_py.cuda import sampling_ops as so
+    logits = _llm_like(V, 3)
+    params = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05)
+    probs = _sampler(params, V, None).allowed_probs(logits)
+    x = cp.broadcast_to(cp.asarray(logits[None]), (n, V))
+    P, S, _ = _rows(params, None, n)
+    out = cp.full(n, -7, cp.int32)
+    stream = cp.cuda.Stream(non_blocking=True)
+    so.prepare_sample(x, cp.asarray(P), cp.asarray(S), None, out, stream, row_stride=0)()
+    stream.synchronize()
+    ids = cp.asnumpy(out)
+    assert (ids >= 0).all() and (probs[ids] > 0).all(), (n, V, ids[:8])
+
+
 @pytest.mark.parametrize("cluster", [1, 2, 4, 8])
 def test_gpu_cluster_sizes(cluster):
     """Every cluster size draws from the right distribution (a 61-token vocabulary: odd slices, a

@@ -107,7 +107,8 @@ def _function(name: str, smem: int) -> Any:
     if int(raw.shared_size_bytes) > STATIC_SMEM:        # the slice budget assumes this much
         raise RuntimeError(f"sampling.cu's {name} uses {raw.shared_size_bytes} B of static shared memory, "
                            f"sampling_ops.STATIC_SMEM allows {STATIC_SMEM}")
-    if smem > 48 * 1024 and _smem_set.get(name, 0) < smem:
+    # the default 48 KB limit covers static + dynamic shared memory: opt in above it
+    if smem + int(raw.shared_size_bytes) > 48 * 1024 and _smem_set.get(name, 0) < smem:
         raw.max_dynamic_shared_size_bytes = smem
         _smem_set[name] = smem
     fn = _functions.get(name)
