@@ -476,7 +476,7 @@ def test_gpu_default_geometry_launches(n, V):
     assert (ids >= 0).all() and (probs[ids] > 0).all(), (n, V, ids[:8])
 
 
-@pytest.mark.parametrize("cluster", [1, 2, 4, 8])
+@pytest.mark.parametrize("cluster", [1, 2, 4, 8, 16])
 def test_gpu_cluster_sizes(cluster):
     """Every cluster size draws from the right distribution (a 61-token vocabulary: odd slices, a
     scalar tail, CTAs with nothing but padding)."""

@@ -32,7 +32,7 @@ typedef unsigned long long u64;
 #define SMP_THREADS 512
 #define SMP_WARPS (SMP_THREADS / 32)
 #define SMP_MAX_ROUNDS 96        // sample_ref.MAX_ROUNDS: then the argmax (never seen)
-#define SMP_MAX_CLUSTER 8
+#define SMP_MAX_CLUSTER 16
 #define SMP_SLOTS 12
 #define SMP_MAX_HISTORY 1024     // sampling_ops.MAX_HISTORY
 #define SMP_INT_MAX 0x7fffffff
@@ -678,6 +678,9 @@ extern "C" __global__ void __launch_bounds__(SMP_THREADS) sample_c1(SMP_ARGS) { 
 extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(SMP_THREADS) sample_c2(SMP_ARGS) { smp_kernel<2>(SMP_PASS); }
 extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(SMP_THREADS) sample_c4(SMP_ARGS) { smp_kernel<4>(SMP_PASS); }
 extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(SMP_THREADS) sample_c8(SMP_ARGS) { smp_kernel<8>(SMP_PASS); }
+// 16 CTAs a row (H100's non-portable cluster size): the cluster dimension is a launch attribute
+// (ggml_py/cuda/launch.py), not compiled in
+extern "C" __global__ void __launch_bounds__(SMP_THREADS) sample_c16(SMP_ARGS) { smp_kernel<16>(SMP_PASS); }
 #endif
 
 #endif  // SAMPLING_HOST

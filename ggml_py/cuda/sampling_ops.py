@@ -12,7 +12,7 @@ out (n,) i32, all C-contiguous (layouts: ggml_py/sample_ref.py). Nothing here al
 synchronises; everything per run (parameters, seed, counter, history) is read from device memory,
 so the step can be captured into a CUDA graph and replayed with new inputs.
 
-Geometry: a row is split over a cluster of C CTAs (C in 1, 2, 4, 8; clusters need sm_90), each
+Geometry: a row is split over a cluster of C CTAs (C in 1, 2, 4, 8, 16; clusters need sm_90), each
 holding ceil(V / C) logits (rounded up to a multiple of 4) in dynamic shared memory, 512 threads.
 C is the smallest size whose slice fits and whose n * C CTAs fill the GPU, else the largest that
 fits, never below 4096 logits per CTA: one row of 128k gets 8 SMs, 64 rows 4 each
@@ -31,8 +31,10 @@ Step = Callable[[], Any]
 
 THREADS = 512
 MAX_HISTORY = 1024                 # SMP_MAX_HISTORY in sampling.cu
-CLUSTERS = (1, 2, 4, 8)
-STATIC_SMEM = 8 * 1024             # sampling.cu's static shared memory (7024 B) with some room
+CLUSTERS = (1, 2, 4, 8, 16)        # 16: a non-portable cluster size (H100), given at launch
+STATIC_SMEM = 9 * 1024             # sampling.cu's static shared memory (8048 B) with some room
+MIN_SLICE_16 = 12288               # logits per CTA below which 16 CTAs are not used (measured: 8 CTAs
+                                   # reach 24 us at 128k; 16 pay off for the 262k vocabulary)
 DEFAULT_SMEM_OPTIN = 227 * 1024    # an H100's largest dynamic shared memory per block
 DEFAULT_SMS = 132
 MIN_SLICE = 4096                   # logits per CTA below which choose_cluster does not split a row
@@ -90,10 +92,11 @@ def choose_cluster(n_rows: int, n_vocab: int) -> int:
     if cap.isdigit():
         fits = [c for c in fits if c <= max(1, int(cap))] or fits[:1]
     # splitting a row below MIN_SLICE logits costs more in cluster barriers than it saves
-    useful = [c for c in fits if c == fits[0] or -(-n_vocab // c) >= MIN_SLICE] or fits[:1]
+    useful = [c for c in fits if c == fits[0] or -(-n_vocab // c) >= (MIN_SLICE_16 if c == 16 else MIN_SLICE)] \
+        or fits[:1]
     n_sm = device_info()[1]
     for c in useful:
-        if n_rows * c >= n_sm:
+        if n_rows * c >= 0.9 * n_sm:    # 16 rows x 8 CTAs (128 of 132 SMs) beat 16 x 16: 57 vs 72 us at 262k
             return c
     return useful[-1]
 
@@ -162,6 +165,12 @@ def prepare_sample(logits: Any, params: Any, state: Any, history: Any | None, ou
     fn = _function(f"sample_c{c}", smem)
     hist = history if history is not None else state          # never read when W == 0
     args = (logits, np.int64(row_stride), params, state, hist, np.int32(W), out, np.int32(V), np.int32(sl))
+    if c == 16:                        # the cluster size is a launch attribute (cuLaunchKernelEx)
+        import cupy
+        from .launch import launcher
+        _check(hasattr(fn, "ptr"), "sample: 16-CTA clusters need the CUDA driver function")
+        cs = stream if stream is not None else cupy.cuda.get_current_stream()
+        return launcher(fn, (n * c,), (THREADS,), args, smem, cs, programmatic=False, cluster=(16, 1, 1))
     return partial(fn, (n * c,), (THREADS,), args, smem, stream)
 
 
