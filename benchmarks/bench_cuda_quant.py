@@ -54,9 +54,10 @@ def random_weight(cp, tid: int, M: int, K: int, seed: int):
     return DeviceWeight(tid, (M, K), raw, nbytes)
 
 
-def time_graph(cp, calls, stream, reps: int = 15) -> tuple[float, bool]:
+def time_graph(cp, calls, stream, reps: int = 15, quiet: bool = False) -> tuple[float, bool]:
     """(median seconds per call, graph?): ``calls`` (zero-argument callables) captured once
     into a CUDA graph and replayed; if the capture fails, timed as plain launches."""
+    cp.cuda.Device().synchronize()                    # inputs may have been set on the null stream
     for c in calls[: min(3, len(calls))]:
         c()                                           # warm-up outside the capture
     stream.synchronize()
@@ -72,7 +73,8 @@ def time_graph(cp, calls, stream, reps: int = 15) -> tuple[float, bool]:
         graph.launch(stream)
         stream.synchronize()
     except Exception as e:                            # capture refused: plain launches
-        print(f"#   (no graph: {type(e).__name__}: {str(e)[:120]})", flush=True)
+        if not quiet:
+            print(f"#   (no graph: {type(e).__name__}: {str(e)[:120]})", flush=True)
         graph = None
         stream.synchronize()
     ts = []

@@ -48,37 +48,10 @@ def make_logits(cp, n: int, V: int, flat: bool, seed: int = 0):
 
 
 def time_calls(cp, calls, stream) -> tuple[float, bool]:
-    """(median seconds per call, captured?): the calls captured into one graph and replayed."""
-    cp.cuda.Device().synchronize()                      # inputs were uploaded on the null stream
-    for c in calls[:3]:
-        c()
-    stream.synchronize()
-    graph = None
-    try:
-        stream.begin_capture()
-        try:
-            for c in calls:
-                c()
-        finally:
-            graph = stream.end_capture()
-        graph.launch(stream)
-        stream.synchronize()
-    except Exception:
-        graph = None
-        stream.synchronize()
-    start, end = cp.cuda.Event(), cp.cuda.Event()
-    ts = []
-    for _ in range(TIMINGS):
-        start.record(stream)
-        if graph is not None:
-            graph.launch(stream)
-        else:
-            for c in calls:
-                c()
-        end.record(stream)
-        end.synchronize()
-        ts.append(cp.cuda.get_elapsed_time(start, end) * 1e-3 / len(calls))
-    return float(np.median(ts)), graph is not None
+    """(median seconds per call, captured?): the calls captured into one graph and replayed
+    (bench_cuda_quant.time_graph), plain launches where capture is refused."""
+    from benchmarks.bench_cuda_quant import time_graph
+    return time_graph(cp, calls, stream, reps=TIMINGS, quiet=True)
 
 
 def ours(cp, so, x, setting: dict, stream, cluster=None):

@@ -48,7 +48,6 @@ options)``; head dims must be multiples of 8.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from functools import partial
 from typing import Any, Callable
 
@@ -284,16 +283,8 @@ def _function(kvb: int, dk: int, dv: int, page: int, name: str, smem: int = 0) -
 
         raw = load_module("attention", opts).get_function(name)
         raw.max_dynamic_shared_size_bytes = SMEM_LIMIT if smem > 48 * 1024 else 48 * 1024
-        try:
-            from cupy.cuda.function import Function
-            fn = raw.kernel                     # takes the stream directly (no `with stream`)
-            if not isinstance(fn, Function):
-                raise AttributeError
-        except (AttributeError, ImportError):
-            def fn(grid, block, args, shared_mem, stream, _raw=raw):
-                with stream if stream is not None else nullcontext():
-                    _raw(grid, block, args, shared_mem=shared_mem)
-        _functions[key] = fn
+        from .compile import kernel_callable
+        fn = _functions[key] = kernel_callable(raw)
     return fn
 
 

@@ -36,5 +36,26 @@ def load_module(name: str, options: tuple[str, ...] = ()):
     return mod
 
 
+def kernel_callable(raw):
+    """A ``cupy.RawKernel`` as a callable ``(grid, block, args, shared_mem, stream)``: its driver
+    function (``raw.kernel``, which takes the stream directly and has the ``ptr`` that
+    ``launch.launcher`` needs), or a wrapper that launches on ``stream`` (None: the current one)."""
+    try:
+        from cupy.cuda.function import Function
+        fn = raw.kernel
+        if isinstance(fn, Function):
+            return fn
+    except (AttributeError, ImportError):
+        pass
+
+    def fn(grid, block, args, shared_mem, stream, _raw=raw):
+        if stream is None:
+            _raw(grid, block, args, shared_mem=shared_mem)
+        else:
+            with stream:
+                _raw(grid, block, args, shared_mem=shared_mem)
+    return fn
+
+
 def source_digest(name: str) -> str:
     return hashlib.sha256(cu_path(name).read_bytes()).hexdigest()[:16]

@@ -37,19 +37,9 @@ def _function(name: str) -> Any:
     """The compiled kernel ``name`` as a callable (grid, block, args, shared_mem, stream)."""
     fn = _functions.get(name)
     if fn is None:
-        from .compile import load_module
+        from .compile import kernel_callable, load_module
 
-        raw = load_module("elementwise").get_function(name)
-        try:
-            from cupy.cuda.function import Function
-            fn = raw.kernel                     # cupy.cuda.function.Function: takes the stream directly
-            if not isinstance(fn, Function):
-                raise AttributeError
-        except (AttributeError, ImportError):
-            def fn(grid, block, args, shared_mem, stream, _raw=raw):
-                with stream:
-                    _raw(grid, block, args, shared_mem=shared_mem)
-        _functions[name] = fn
+        fn = _functions[name] = kernel_callable(load_module("elementwise").get_function(name))
     return fn
 
 

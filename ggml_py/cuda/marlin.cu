@@ -206,6 +206,21 @@ __device__ __forceinline__ void stage_scales(const u8* st, int lane, half* s, ha
     lane_scales<QT>(st + 1024, st + 1024 + 128, lane, s, m);
 }
 
+// Every accumulator element of this lane: f(w, mt, t8, r, row, col) with row the tile row (0 ..
+// 16*MT) and col the tile column (0 .. 63) of acc[w][mt][t8][r] (mma.m16n8k16's C fragment).
+template <int NWT, int MT, typename F>
+__device__ __forceinline__ void for_acc(int lane, F&& f) {
+#pragma unroll
+    for (int w = 0; w < NWT; ++w)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int t8 = 0; t8 < 8; ++t8)
+#pragma unroll
+                for (int r = 0; r < 4; ++r)
+                    f(w, mt, t8, r, mt * 16 + (lane >> 2) + (r >= 2 ? 8 : 0), t8 * 8 + 2 * (lane & 3) + (r & 1));
+}
+
 // -- the GEMM ------------------------------------------------------------------------------------
 // Work items. Every warp owns one 64-column tile of one weight ("tile" t over the concatenated
 // tiles of the launch's weights) and one k-slab (a contiguous run of 32-element groups): it walks
@@ -387,34 +402,16 @@ __device__ __forceinline__ void marlin_main(
         __syncthreads();                           // every ring is drained
         float* red = reinterpret_cast<float*>(smem);             // [warp][w][rows][64]
         if (active && sub != 0) {
-#pragma unroll
-            for (int w = 0; w < NWT; ++w)
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                    for (int t8 = 0; t8 < 8; ++t8)
-#pragma unroll
-                        for (int r = 0; r < 4; ++r) {
-                            const int row = mt * 16 + (lane >> 2) + (r >= 2 ? 8 : 0);
-                            const int col = t8 * 8 + 2 * (lane & 3) + (r & 1);
-                            if (row < rows) red[((warp * NWT + w) * rows + row) * 64 + col] = acc[w][mt][t8][r];
-                        }
+            for_acc<NWT, MT>(lane, [&](int w, int mt, int t8, int r, int row, int col) {
+                if (row < rows) red[((warp * NWT + w) * rows + row) * 64 + col] = acc[w][mt][t8][r];
+            });
         }
         __syncthreads();
         if (!active || sub != 0) return;
         for (int q = 1; q < kws; ++q)
-#pragma unroll
-            for (int w = 0; w < NWT; ++w)
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                    for (int t8 = 0; t8 < 8; ++t8)
-#pragma unroll
-                        for (int r = 0; r < 4; ++r) {
-                            const int row = mt * 16 + (lane >> 2) + (r >= 2 ? 8 : 0);
-                            const int col = t8 * 8 + 2 * (lane & 3) + (r & 1);
-                            if (row < rows) acc[w][mt][t8][r] += red[(((warp + q) * NWT + w) * rows + row) * 64 + col];
-                        }
+            for_acc<NWT, MT>(lane, [&](int w, int mt, int t8, int r, int row, int col) {
+                if (row < rows) acc[w][mt][t8][r] += red[(((warp + q) * NWT + w) * rows + row) * 64 + col];
+            });
     }
 
     float* out = g == 0 ? o0 : (g == 1 ? o1 : o2);
@@ -426,18 +423,9 @@ __device__ __forceinline__ void marlin_main(
         float* red = reinterpret_cast<float*>(smem);             // [w][warp][rows][64]
         const int per = rows * 64;
         if (active) {
-#pragma unroll
-            for (int w = 0; w < NWT; ++w)
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                    for (int t8 = 0; t8 < 8; ++t8)
-#pragma unroll
-                        for (int r = 0; r < 4; ++r) {
-                            const int row = mt * 16 + (lane >> 2) + (r >= 2 ? 8 : 0);
-                            const int col = t8 * 8 + 2 * (lane & 3) + (r & 1);
-                            if (row < rows) red[((w * 8 + warp) * rows + row) * 64 + col] = acc[w][mt][t8][r];
-                        }
+            for_acc<NWT, MT>(lane, [&](int w, int mt, int t8, int r, int row, int col) {
+                if (row < rows) red[((w * 8 + warp) * rows + row) * 64 + col] = acc[w][mt][t8][r];
+            });
         }
         cluster_sync();
         const int total = 8 * per;
@@ -467,38 +455,23 @@ __device__ __forceinline__ void marlin_main(
     }
     if (!active) return;
     if (slabs == 1) {                              // the whole k range: store
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int t8 = 0; t8 < 8; ++t8)
-#pragma unroll
-                for (int r = 0; r < 4; ++r) {
-                    const int row = mt * 16 + (lane >> 2) + (r >= 2 ? 8 : 0);
-                    const int n = ncol0 + t8 * 8 + 2 * (lane & 3) + (r & 1);
-                    if (row < rows && n < N) {
-                        const i64 o = (i64)(m0 + row) * N + n;
-                        float v = acc[0][mt][t8][r];
-                        if (GLU) v = (mode == 1 ? mm_silu(v) : mm_gelu(v)) * acc[NWT - 1][mt][t8][r];
-                        else if (mode == 3) v += resid[o];
-                        out[o] = v;
-                    }
-                }
+        for_acc<1, MT>(lane, [&](int, int mt, int t8, int r, int row, int col) {
+            const int n = ncol0 + col;
+            if (row < rows && n < N) {
+                const i64 o = (i64)(m0 + row) * N + n;
+                float v = acc[0][mt][t8][r];
+                if (GLU) v = (mode == 1 ? mm_silu(v) : mm_gelu(v)) * acc[NWT - 1][mt][t8][r];
+                else if (mode == 3) v += resid[o];
+                out[o] = v;
+            }
+        });
         return;
     }
     // partials: part[w][slab][row][tile][64]
     const i64 pw = (i64)slabs * M * t3 * 64;
-#pragma unroll
-    for (int w = 0; w < NWT; ++w)
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int t8 = 0; t8 < 8; ++t8)
-#pragma unroll
-                for (int r = 0; r < 4; ++r) {
-                    const int row = mt * 16 + (lane >> 2) + (r >= 2 ? 8 : 0);
-                    const int col = t8 * 8 + 2 * (lane & 3) + (r & 1);
-                    if (row < rows) part[w * pw + (((i64)y * M + m0 + row) * t3 + t) * 64 + col] = acc[w][mt][t8][r];
-                }
+    for_acc<NWT, MT>(lane, [&](int w, int mt, int t8, int r, int row, int col) {
+        if (row < rows) part[w * pw + (((i64)y * M + m0 + row) * t3 + t) * 64 + col] = acc[w][mt][t8][r];
+    });
     __threadfence();
     __syncwarp();
     u32* ticket = tickets + (i64)t * gridDim.z + blockIdx.z;

@@ -28,7 +28,7 @@ import numpy as np
 
 from quant_formats.marlin import TYPES, MarlinLayout
 
-from .compile import load_module
+from .compile import kernel_callable, load_module
 
 _NAMES = {2: "q4_0", 3: "q4_1", 12: "q4_k"}
 THREADS = 256
@@ -91,19 +91,7 @@ def _function(name: str, smem: int = 0) -> Any:
             regs = int(raw.attributes["num_regs"])
         except Exception:
             regs = 128
-        try:
-            from cupy.cuda.function import Function
-            fn = raw.kernel
-            if not isinstance(fn, Function):
-                raise AttributeError
-        except (AttributeError, ImportError):
-            def fn(grid, block, args, shared_mem, stream, _raw=raw):
-                if stream is None:
-                    _raw(grid, block, args, shared_mem=shared_mem)
-                else:
-                    with stream:
-                        _raw(grid, block, args, shared_mem=shared_mem)
-        got = _fns[key] = (fn, regs)
+        got = _fns[key] = (kernel_callable(raw), regs)
     return got if big else got[0]
 
 

@@ -116,16 +116,8 @@ def _function(name: str, smem: int) -> Any:
         _smem_set[name] = smem
     fn = _functions.get(name)
     if fn is None:
-        try:
-            from cupy.cuda.function import Function
-            fn = raw.kernel                     # takes the stream directly
-            if not isinstance(fn, Function):
-                raise AttributeError
-        except (AttributeError, ImportError):
-            def fn(grid, block, args, shared_mem, stream, _raw=raw):
-                with stream:
-                    _raw(grid, block, args, shared_mem=shared_mem)
-        _functions[name] = fn
+        from .compile import kernel_callable
+        fn = _functions[name] = kernel_callable(raw)
     return fn
 
 
