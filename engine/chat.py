@@ -234,8 +234,9 @@ class ChatSession:
         pieces: list[str] = []
         reason = ""
         try:
+            # no logprobs: the token is drawn on the device (ops.sample in the decode graph)
             gen = Generator(self.model, self.cache, self.seq, ids[common:], sampler, n_predict=self.n_predict,
-                            n_batch=self.n_batch)
+                            n_batch=self.n_batch, want_logprobs=False)
             it = iter(gen)
             try:
                 for ev in it:
