@@ -10,9 +10,12 @@ with swiglu/geglu (``glu=``) or with a residual add (``residual=True``); ``.bind
 stream, resid=None)`` returns a zero-argument launch (graph-capturable: nothing is allocated
 or synchronised at run time; partial sums and self-resetting tickets are allocated at plan time).
 
-Kernel variants ``marlin_<type>_m<MT>[_glu]``: each warp computes a (16*MT) x 64 tile over one
-k-slab; A may be f32 (the engine's activations: the kernel converts its window to f16 in shared
-memory, so decode needs no cast launch) or f16. ``choose_slabs`` picks the k-split.
+Kernel variants ``marlin_<type>_m<MT>[_glu]``: each warp computes a (16*MT) x 64 tile over (its
+share of) one k-slab; A may be f32 (the engine's activations: the kernel converts its window to
+f16 in shared memory, so decode needs no cast launch) or f16. ``choose_split`` picks the k-split
+inside a CTA (``kws`` warps a tile) and across CTAs (``slabs``, reduced in a thread-block cluster
+or through partials and tickets). Launches go through ``launch.launcher`` (programmatic
+dependent launch, cluster dimensions).
 
 ``plan_dequant16`` / ``plan_get_rows``: the repacked weight as f16 rows (the prefill GEMM's
 dequantize-to-f16 + cuBLAS path, kept for large M) or f32 rows (embedding lookups).
@@ -32,7 +35,6 @@ from .compile import kernel_callable, load_module
 
 _NAMES = {2: "q4_0", 3: "q4_1", 12: "q4_k"}
 THREADS = 256
-STAGES = 4
 WSTAGE = 1408
 SMEM_LIMIT = 225 * 1024          # Hopper's 227 KB per block, less the static shared memory
 _MODES = {None: 0, "swiglu": 1, "geglu": 2}
