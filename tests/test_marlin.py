@@ -107,6 +107,17 @@ def test_fragment_mapping():
         assert np.all(((others[..., None] >> (4 * np.arange(8, dtype=np.uint32))) & 0xF) == 8)
 
 
+def test_marlin_env_values(monkeypatch):
+    from engine.errors import GGFlatError
+    from ggml_py.cuda import marlin_ops as mo
+    for raw, want in (("", "auto"), ("auto", "auto"), ("ALL", "all"), ("1", "all"), ("off", "off"), ("0", "off")):
+        monkeypatch.setenv("GGFLAT_MARLIN", raw)
+        assert mo.enabled() == want
+    monkeypatch.setenv("GGFLAT_MARLIN", "sometimes")
+    with pytest.raises(GGFlatError, match="GGFLAT_MARLIN"):
+        mo.should_repack(2, (14336, 4096), 33 << 20)
+
+
 def test_eligibility():
     from ggml_py.cuda import marlin_ops as mo
     assert mo.eligible(2, (4096, 4096)) and mo.eligible(12, (10, 256))

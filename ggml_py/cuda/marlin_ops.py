@@ -399,8 +399,13 @@ def plan_dequant16(w: MarlinWeight, out16, n0: int, rows: int, stream=None) -> C
 
 def enabled() -> str:
     """GGFLAT_MARLIN: "auto" (default: see should_repack), "all", or "off"."""
-    v = os.environ.get("GGFLAT_MARLIN", "auto").strip().lower()
-    return {"0": "off", "false": "off", "no": "off", "1": "all", "on": "all"}.get(v, v)
+    raw = os.environ.get("GGFLAT_MARLIN", "auto")
+    v = raw.strip().lower() or "auto"
+    v = {"0": "off", "false": "off", "no": "off", "1": "all", "on": "all", "yes": "all"}.get(v, v)
+    if v not in ("auto", "all", "off"):
+        from engine.errors import GGFlatError
+        raise GGFlatError(f"GGFLAT_MARLIN={raw!r}: expected auto, all or off")
+    return v
 
 
 # Which weights the default ("auto") repacks, from the decode (n = 1) measurements of
