@@ -53,6 +53,8 @@ from __future__ import annotations
 
 import math
 
+from functools import lru_cache
+
 import numpy as np
 
 __all__ = ["PARAMS_WIDTH", "STATE_WIDTH", "ERR_NONFINITE", "ERR_PENALTY", "MAX_ROUNDS",
@@ -113,6 +115,14 @@ def draw_uniform(state: np.ndarray, rnd: int) -> np.ndarray:
     ctr = np.stack([st[:, S_CTR_LO], st[:, S_CTR_HI], np.full(n, rnd, np.uint32), np.zeros(n, np.uint32)], -1)
     key = np.stack([st[:, S_SEED_LO], st[:, S_SEED_HI]], -1)
     return philox4x32(ctr, key)[:, 0].astype(F64) * (1.0 / 2**32)
+
+
+@lru_cache(maxsize=8)
+def _ids(V: int) -> np.ndarray:
+    """0 .. V-1 (read-only, one array per vocabulary size: its allocation was a tenth of a draw)."""
+    a = np.arange(V)
+    a.flags.writeable = False
+    return a
 
 
 def _better(l: np.ndarray, gid: np.ndarray, pv: np.ndarray, pid: np.ndarray) -> np.ndarray:
@@ -239,7 +249,7 @@ def _sample_core(l: np.ndarray, prm: np.ndarray, st: np.ndarray) -> np.ndarray:
     thr = (m + lmp).astype(F32)
     Lv = np.where(minp, thr, NEG_INF).astype(F32)
     Lid = np.where(minp, INT_MAX, 0).astype(np.int64)
-    cand = _better(l, np.arange(V), Lv, Lid)
+    cand = _better(l, _ids(V), Lv, Lid)
     cols = np.flatnonzero(cand.any(0))                                # every later candidate is here
     gid = cols.astype(np.int64)
     lc, dc, cand = l[:, cols], d[:, cols], cand[:, cols]
