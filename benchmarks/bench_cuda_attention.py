@@ -99,6 +99,9 @@ def load_old(path: str):
 
     from ggml_py.cuda import compile as comp
     src = (Path(path) / "attention.cu").read_text()
+    if comp.COMMON in src:                      # a version that includes common.cuh: splice it, as load_module does
+        common = Path(path) / "common.cuh"
+        src = src.replace(comp.COMMON, (common if common.exists() else comp.HERE / "common.cuh").read_text(), 1)
     spec = importlib.util.spec_from_file_location("ggml_py.cuda._attention_old", Path(path) / "attention_ops.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -310,7 +313,10 @@ def _compile_one(job):
     import cupy
 
     from ggml_py.cuda import compile as comp
-    src = (Path(path) / "attention.cu").read_text() if path else comp.cu_path("attention").read_text()
+    src = (Path(path) / "attention.cu").read_text()
+    if comp.COMMON in src:                      # a version that includes common.cuh: splice it, as load_module does
+        common = Path(path) / "common.cuh"
+        src = src.replace(comp.COMMON, (common if common.exists() else comp.HERE / "common.cuh").read_text(), 1) if path else comp.cu_path("attention").read_text()
     cupy.RawModule(code=src, options=comp.DEFAULT_OPTIONS + opts, backend="nvrtc").compile()
     return f"compiled {path or 'current'} kvb={kvb} d={d} in {time.time() - t:.1f} s"
 

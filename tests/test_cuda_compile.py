@@ -23,6 +23,17 @@ def test_there_are_kernels():
     assert any(p.name == "elementwise.cu" for p in CU_FILES)
 
 
+@pytest.mark.parametrize("cu", CU_FILES, ids=lambda p: p.name)
+def test_nvrtc_source_is_self_contained(cu):
+    """What load_module hands to NVRTC includes only toolkit headers: common.cuh is spliced in."""
+    from ggml_py.cuda.compile import source_text
+    src = source_text(cu.stem)
+    local = [ln for ln in src.splitlines() if re.match(r'\s*#\s*include\s*"', ln)]
+    assert not local, f"{cu.name}: {local}"
+    if '"common.cuh"' in cu.read_text(encoding="utf-8"):
+        assert "act_gelu" in src and "PDL_TRIGGER" in src
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 @pytest.mark.parametrize("cu", CU_FILES, ids=lambda p: p.name)
 def test_nvcc_compiles(cu, tmp_path):

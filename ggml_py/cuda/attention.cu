@@ -60,14 +60,7 @@
 #define ATTN_DEC_TC_STAGES 2
 #endif
 
-// Programmatic dependent launch (Hopper): let a kernel launched after this one with the PDL
-// attribute (the Marlin GEMM, ggml_py/cuda/launch.py) start its weight loads now; it waits for
-// this grid to finish before it reads anything this grid writes.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define PDL_TRIGGER() asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory")
-#else
-#define PDL_TRIGGER()
-#endif
+#include "common.cuh"
 
 #define ATTN_INT_MAX 2147483647
 #define ATTN_INT_MIN (-2147483647 - 1)

@@ -27,7 +27,7 @@ def load_module(name: str, options: tuple[str, ...] = ()):
     key = (name, opts)
     mod = _modules.get(key)
     if mod is None:
-        src = cu_path(name).read_text(encoding="utf-8")
+        src = source_text(name)
         # the name_expressions-free RawModule compiles lazily on first get_function;
         # touching compile() here surfaces NVRTC errors at plan time, not mid-graph.
         mod = cupy.RawModule(code=src, options=opts, backend="nvrtc")
@@ -57,5 +57,17 @@ def kernel_callable(raw):
     return fn
 
 
+COMMON = '#include "common.cuh"'
+
+
+def source_text(name: str) -> str:
+    """``<name>.cu`` with ``common.cuh`` spliced in place of its include line: NVRTC compiles a
+    string (no include path needed), and CuPy's cache, keyed by that string, sees header edits."""
+    src = cu_path(name).read_text(encoding="utf-8")
+    if COMMON in src:
+        src = src.replace(COMMON, (HERE / "common.cuh").read_text(encoding="utf-8"), 1)
+    return src
+
+
 def source_digest(name: str) -> str:
-    return hashlib.sha256(cu_path(name).read_bytes()).hexdigest()[:16]
+    return hashlib.sha256(source_text(name).encode("utf-8")).hexdigest()[:16]

@@ -13,39 +13,10 @@
 
 typedef long long i64;
 
-// Programmatic dependent launch (Hopper): let a kernel launched after this one with the PDL
-// attribute (the Marlin GEMM, ggml_py/cuda/launch.py) start its weight loads now; it waits for
-// this grid to finish before it reads anything this grid writes.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define PDL_TRIGGER() asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory")
-#else
-#define PDL_TRIGGER()
-#endif
+#include "common.cuh"
 
 #define EW_FLT_MAX 3.402823466e+38f
 #define EW_FLT_TINY 1.175494351e-38f         // smallest normal float (np.finfo(float32).tiny)
-#define EW_SQRT_2_OVER_PI 0.79788456080286535587989211986876f
-#define EW_GELU_COEF_A 0.044715f
-
-// -- activations (the NumPy backend's step order) ----------------------------------------------
-
-__device__ __forceinline__ float ew_silu(float x) {
-    // y = x / (1 + exp(-x)): exp overflows to inf for x < -88 and gives -0, never NaN
-    return x / (1.0f + expf(-x));
-}
-
-__device__ __forceinline__ float ew_gelu(float x) {
-    // 0.5 x (1 + tanh(sqrt(2/pi) x (1 + 0.044715 x^2)))   -- ggml_gelu_f32's factorisation
-    float t = __fmul_rn(x, x);
-    t = __fmul_rn(t, EW_GELU_COEF_A);
-    t = __fadd_rn(t, 1.0f);
-    t = __fmul_rn(t, x);
-    t = __fmul_rn(t, EW_SQRT_2_OVER_PI);
-    t = tanhf(t);
-    t = __fadd_rn(t, 1.0f);
-    t = __fmul_rn(t, x);
-    return __fmul_rn(t, 0.5f);
-}
 
 // -- binary ops with broadcast -------------------------------------------------------------------
 // op: 0 = add, 1 = mul.  The three layouts of b (decided at plan time):
@@ -88,25 +59,25 @@ extern "C" __global__ void scale_f32(const float* x, float* y, float s, i64 n) {
 
 extern "C" __global__ void silu_f32(const float* x, float* y, i64 n) {
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
-        y[i] = ew_silu(x[i]);
+        y[i] = act_silu(x[i]);
 }
 
 extern "C" __global__ void gelu_f32(const float* x, float* y, i64 n) {
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
-        y[i] = ew_gelu(x[i]);
+        y[i] = act_gelu(x[i]);
 }
 
 // y = act(gate) * up, act = silu (swiglu) or tanh-GELU (geglu); y may alias gate or up.
 extern "C" __global__ void swiglu_f32(const float* g, const float* u, float* y, i64 n) {
     PDL_TRIGGER();
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
-        y[i] = ew_silu(g[i]) * u[i];
+        y[i] = act_silu(g[i]) * u[i];
 }
 
 extern "C" __global__ void geglu_f32(const float* g, const float* u, float* y, i64 n) {
     PDL_TRIGGER();
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
-        y[i] = ew_gelu(g[i]) * u[i];
+        y[i] = act_gelu(g[i]) * u[i];
 }
 
 // -- block reductions ------------------------------------------------------------------------------

@@ -27,14 +27,7 @@
 
 #include <cuda_fp16.h>
 
-// Programmatic dependent launch (Hopper): let a kernel launched after this one with the PDL
-// attribute (the Marlin GEMM, ggml_py/cuda/launch.py) start its weight loads now; it waits for
-// this grid to finish before it reads anything this grid writes.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define PDL_TRIGGER() asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory")
-#else
-#define PDL_TRIGGER()
-#endif
+#include "common.cuh"
 
 typedef unsigned int u32;
 typedef unsigned char u8;
@@ -107,20 +100,6 @@ __device__ __forceinline__ float ld_cluster_f32(const float* p, u32 rank) {
     asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(b) : "memory");
 #endif
     return v;
-}
-
-__device__ __forceinline__ float mm_silu(float x) { return x / (1.0f + expf(-x)); }
-
-__device__ __forceinline__ float mm_gelu(float x) {     // ggml_gelu_f32's factorisation, as elementwise.cu
-    float t = __fmul_rn(x, x);
-    t = __fmul_rn(t, 0.044715f);
-    t = __fadd_rn(t, 1.0f);
-    t = __fmul_rn(t, x);
-    t = __fmul_rn(t, 0.79788456080286535587989211986876f);
-    t = tanhf(t);
-    t = __fadd_rn(t, 1.0f);
-    t = __fmul_rn(t, x);
-    return __fmul_rn(t, 0.5f);
 }
 
 __host__ __device__ __forceinline__ i64 align256(i64 n) { return (n + 255) / 256 * 256; }
@@ -339,14 +318,7 @@ __device__ __forceinline__ void marlin_main(
     if (!active && !cluster && kws == 1) return;   // (else every thread reaches the barriers below)
 
     float acc[NWT][MT][8][4];
-#pragma unroll
-    for (int w = 0; w < NWT; ++w)
-#pragma unroll
-        for (int a = 0; a < MT; ++a)
-#pragma unroll
-            for (int b = 0; b < 8; ++b)
-#pragma unroll
-                for (int cc = 0; cc < 4; ++cc) acc[w][a][b][cc] = 0.0f;
+    for_acc<NWT, MT>(lane, [&](int w, int mt, int t8, int r, int, int) { acc[w][mt][t8][r] = 0.0f; });
 
     // ldmatrix row addresses of this lane (rows past M read the zero chunk)
     u32 a_addr[MT], a_mul[MT];                     // a_mul: 2 bytes a k (0: the zero chunk, no offset)
@@ -446,7 +418,7 @@ __device__ __forceinline__ void marlin_main(
                 if (GLU) u += ld_cluster_f32(red + 8 * per + e, (u32)q);
             }
             const i64 o = (i64)(m0 + row) * Ne + n;
-            if (GLU) v = (mode == 1 ? mm_silu(v) : mm_gelu(v)) * u;
+            if (GLU) v = (mode == 1 ? act_silu(v) : act_gelu(v)) * u;
             else if (mode == 3) v += resid[o];
             (ge == 0 ? o0 : (ge == 1 ? o1 : o2))[o] = v;
         }
@@ -460,7 +432,7 @@ __device__ __forceinline__ void marlin_main(
             if (row < rows && n < N) {
                 const i64 o = (i64)(m0 + row) * N + n;
                 float v = acc[0][mt][t8][r];
-                if (GLU) v = (mode == 1 ? mm_silu(v) : mm_gelu(v)) * acc[NWT - 1][mt][t8][r];
+                if (GLU) v = (mode == 1 ? act_silu(v) : act_gelu(v)) * acc[NWT - 1][mt][t8][r];
                 else if (mode == 3) v += resid[o];
                 out[o] = v;
             }
@@ -508,7 +480,7 @@ __device__ __forceinline__ void marlin_main(
             const int e = e0 + q * 32 + lane;
             const i64 o = (i64)(m0 + (e >> 6)) * N + ncol0 + (e & 63);
             float x = v[q];
-            if (GLU) x = (mode == 1 ? mm_silu(x) : mm_gelu(x)) * u[q];
+            if (GLU) x = (mode == 1 ? act_silu(x) : act_gelu(x)) * u[q];
             else if (mode == 3) x += resid[o];
             out[o] = x;
         }

@@ -59,6 +59,7 @@ QDEV void ld_f4x2(const u8* p, f4& a, f4& b) { std::memcpy(&a, p, 16); std::memc
 QDEV void ld_u4(const u8* p, u32 v[4]) { std::memcpy(v, p, 16); }
 #else
 #include <cuda_fp16.h>
+#include "common.cuh"
 #define QDEV static __device__ __forceinline__
 typedef unsigned char u8;
 typedef unsigned short u16;
@@ -555,22 +556,6 @@ __device__ __forceinline__ void mmv_impl(const u8* __restrict__ w, const float* 
 // launches, 3.4 as one; norm + gate/up + swiglu 8.9 as 4, 3.3 as one; down + residual add 3.9
 // as 2, 2.9 as one. The whole decode step: 1.21 -> 0.78 ms (395 -> 186 launches).
 
-__device__ __forceinline__ float q_silu(float x) {           // elementwise.cu's ew_silu
-    return x / (1.0f + expf(-x));
-}
-
-__device__ __forceinline__ float q_gelu(float x) {           // elementwise.cu's ew_gelu
-    float t = __fmul_rn(x, x);
-    t = __fmul_rn(t, 0.044715f);
-    t = __fadd_rn(t, 1.0f);
-    t = __fmul_rn(t, x);
-    t = __fmul_rn(t, 0.79788456080286535587989211986876f);
-    t = tanhf(t);
-    t = __fadd_rn(t, 1.0f);
-    t = __fmul_rn(t, x);
-    return __fmul_rn(t, 0.5f);
-}
-
 // mmv_step for the grouped kernel, with the rms_norm folded in (norm != 0): the x float4s it
 // loads anyway give this thread's share of sum(x^2) (acc[R][j], reduced with the products;
 // each element of x is loaded once per CTA), and with a norm weight nw (norm == 2) x is
@@ -720,7 +705,7 @@ __device__ __forceinline__ void mmvg_impl(const u8* __restrict__ w0, const u8* _
             const float sc = nscale(j);
             const float gs = mmv_total<N, R + 1>(red, t) * sc;
             const float us = mmv_total<N, R + 1>(red, t + (R / 2) * N) * sc;
-            const float y = (mode == 1 ? q_silu(gs) : q_gelu(gs)) * us;
+            const float y = (mode == 1 ? act_silu(gs) : act_gelu(gs)) * us;
             if (r0 + r < M && j < n) out[(long long)j * M + r0 + r] = y;
         }
         return;

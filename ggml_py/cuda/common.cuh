@@ -1,0 +1,30 @@
+// What several kernel files share. compile.load_module splices this text into a source in place of
+// the line that includes this file (CuPy caches compiled code by the source text, so an edit here
+// reaches every module); nvcc finds the file beside the .cu that includes it.
+#pragma once
+
+// Programmatic dependent launch (Hopper): let a kernel launched after this one with the PDL
+// attribute (the Marlin GEMM, ggml_py/cuda/launch.py) start its weight loads now; it waits for
+// this grid to finish before it reads anything this grid writes.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define PDL_TRIGGER() asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory")
+#else
+#define PDL_TRIGGER()
+#endif
+
+// The gate activations, in the NumPy backend's step order.
+// y = x / (1 + exp(-x)): exp overflows to inf for x < -88 and gives -0, never NaN
+__device__ __forceinline__ float act_silu(float x) { return x / (1.0f + expf(-x)); }
+
+// 0.5 x (1 + tanh(sqrt(2/pi) x (1 + 0.044715 x^2)))   -- ggml_gelu_f32's factorisation
+__device__ __forceinline__ float act_gelu(float x) {
+    float t = __fmul_rn(x, x);
+    t = __fmul_rn(t, 0.044715f);
+    t = __fadd_rn(t, 1.0f);
+    t = __fmul_rn(t, x);
+    t = __fmul_rn(t, 0.79788456080286535587989211986876f);
+    t = tanhf(t);
+    t = __fadd_rn(t, 1.0f);
+    t = __fmul_rn(t, x);
+    return __fmul_rn(t, 0.5f);
+}
