@@ -95,6 +95,21 @@ def bind_leaves(graph: Graph, live: list[Tensor], weights: Mapping[str, tuple[tu
     return vals, kv_layers
 
 
+def liveness(graph: Graph, live: list[Tensor]) -> tuple[dict[int, int], dict[int, int]]:
+    """(root, last) for a plan's buffer reuse: ``root[t.index]`` is the tensor whose storage ``t``
+    uses (a reshape shares its source's), ``last[root]`` the position in ``live`` of that storage's
+    last reader (``len(live)`` for the graph's outputs: they outlive the run)."""
+    root: dict[int, int] = {}
+    last: dict[int, int] = {}
+    for i, t in enumerate(live):
+        root[t.index] = root.get(t.src[0].index, t.src[0].index) if t.op == "reshape" else t.index
+        for s in t.src:
+            last[root.get(s.index, s.index)] = i
+    for t in graph.outputs.values():
+        last[root.get(t.index, t.index)] = len(live)
+    return root, last
+
+
 def stage_inputs(graph_name: str, slots: list[tuple[str, tuple[int, ...], str, np.ndarray]],
                  inputs: Mapping[str, np.ndarray]) -> None:
     """Copy every declared input into its host buffer, checking names, shapes and dtypes.

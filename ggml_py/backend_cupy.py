@@ -62,7 +62,7 @@ import numpy as np
 
 from engine.errors import ContextError, GGFlatError
 
-from .backend import Backend, Plan, WeightSource, bind_leaves, stage_inputs
+from .backend import Backend, Plan, WeightSource, bind_leaves, liveness, stage_inputs
 from .graph import Graph, Tensor
 from .ops import ROPE_NEOX, ROPE_NORMAL
 
@@ -330,17 +330,10 @@ class _Builder:
     def __init__(self, plan: CupyPlan, live: list[Tensor]) -> None:
         self.plan = plan
         self.live = live
-        self.root: dict[int, int] = {}
-        self.last: dict[int, int] = {}
+        self.root, self.last = liveness(plan.graph, live)
         self.off: dict[int, tuple[int, int]] = {}          # root tensor index -> (offset, nbytes) in the arena
         self.vals: dict[int, Any] = {}
         self.node: Tensor | None = None
-        for i, t in enumerate(live):
-            self.root[t.index] = self.root.get(t.src[0].index, t.src[0].index) if t.op == "reshape" else t.index
-            for s in t.src:
-                self.last[self.root.get(s.index, s.index)] = i
-        for t in plan.graph.outputs.values():
-            self.last[self.root.get(t.index, t.index)] = len(live)
         self.outs = {t.index for t in plan.graph.outputs.values()}
         self.extra_die: dict[int, list[int]] = {}          # live position -> roots kept alive until it
 

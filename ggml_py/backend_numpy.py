@@ -51,7 +51,7 @@ import numpy as np
 from engine.errors import GGFlatError
 from quant_formats import dequantize
 
-from .backend import Backend, Plan, WeightSource, bind_leaves, stage_inputs
+from .backend import Backend, Plan, WeightSource, bind_leaves, liveness, stage_inputs
 from .graph import Graph, Tensor
 from .ops import ROPE_NEOX, ROPE_NORMAL
 
@@ -196,20 +196,13 @@ class _Builder:
         self.vals: dict[int, np.ndarray] = {}
         self.pool: dict[int, list[np.ndarray]] = {}      # element count -> free f32 buffers
         self.owned: dict[int, np.ndarray] = {}            # root tensor index -> its pooled buffer
-        self.root: dict[int, int] = {}
-        self.last: dict[int, int] = {}                    # root index -> position of its last reader
+        # root: tensor index -> the tensor whose storage it uses; last: root -> position of its last reader
+        self.root, self.last = liveness(plan.graph, live)
         self.scratch: list[np.ndarray] = []
         self.rope_memo: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}   # per-run cos/sin, shared by rope nodes
         self.pos = 0
         self.node: Tensor | None = None
-        outs = {t.index for t in plan.graph.outputs.values()}
-        for i, t in enumerate(live):
-            self.root[t.index] = self.root.get(t.src[0].index, t.src[0].index) if t.op == "reshape" else t.index
-            for s in t.src:
-                self.last[self.root.get(s.index, s.index)] = i
-        for t in plan.graph.outputs.values():
-            self.last[self.root.get(t.index, t.index)] = len(live)
-        self._outs = outs
+        self._outs = {t.index for t in plan.graph.outputs.values()}
 
     def val(self, t: Tensor) -> np.ndarray:
         return self.vals[t.index]
