@@ -1,7 +1,10 @@
 """Shared fixtures: the two reference models (fetched once into the ggflat cache) and llama.cpp's reference data."""
 from __future__ import annotations
 
+import ctypes
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -50,3 +53,15 @@ def nmse(a: np.ndarray, b: np.ndarray) -> float:
     den = float(np.sum(b * b))
     num = float(np.sum((a - b) ** 2))
     return num / den if den > 0 else num
+
+
+def build_host_lib(tmp_path_factory, cu: Path, define: str) -> ctypes.CDLL:
+    """The host part of a kernel file (compiled with ``-D<define>``) built by g++ as plain C++ into a
+    shared library, for checking its arithmetic against NumPy bit for bit; skips without a compiler."""
+    gxx = shutil.which("g++") or shutil.which("c++")
+    if gxx is None:
+        pytest.skip(f"no C++ compiler for the host build of {cu.name}")
+    so = tmp_path_factory.mktemp(cu.stem + "_host") / f"lib{cu.stem}_host.so"
+    subprocess.run([gxx, "-std=c++17", "-O2", "-ffp-contract=off", f"-D{define}", "-shared", "-fPIC",
+                    "-x", "c++", str(cu), "-o", str(so)], check=True, capture_output=True)
+    return ctypes.CDLL(str(so))

@@ -12,14 +12,13 @@ the NumPy reference (quant_formats.dequantize, ``x @ W.T``).
 from __future__ import annotations
 
 import ctypes
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from quant_formats import dequantize, get_format, quantize, random_blocks, tensor_nbytes
+from tests.conftest import build_host_lib
 
 CU = Path(__file__).resolve().parent.parent / "ggml_py" / "cuda" / "quant.cu"
 
@@ -62,13 +61,7 @@ def _nmse(a: np.ndarray, ref: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def host_lib(tmp_path_factory):
-    gxx = shutil.which("g++") or shutil.which("c++")
-    if gxx is None:
-        pytest.skip("no C++ compiler for the host decoder check")
-    so = tmp_path_factory.mktemp("quant_host") / "libquant_host.so"
-    subprocess.run([gxx, "-std=c++17", "-O2", "-ffp-contract=off", "-DQUANT_HOST", "-shared", "-fPIC",
-                    "-x", "c++", str(CU), "-o", str(so)], check=True, capture_output=True)
-    lib = ctypes.CDLL(str(so))
+    lib = build_host_lib(tmp_path_factory, CU, "QUANT_HOST")
     lib.quant_host_dequant.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_void_p]
     lib.quant_host_dequant.restype = ctypes.c_int
     return lib

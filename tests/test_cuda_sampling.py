@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +30,7 @@ from engine.sampling import NonFiniteLogitsError, Sampler, SamplingError, Sampli
 from ggml_py import Graph, ops
 from ggml_py.backend_numpy import NumpyBackend
 from ggml_py.sample_ref import pack_row, philox4x32, sample_rows
+from tests.conftest import build_host_lib
 
 CU = Path(__file__).resolve().parent.parent / "ggml_py" / "cuda" / "sampling.cu"
 NEG = -np.inf
@@ -167,13 +166,7 @@ def test_philox_known_answers():
 
 @pytest.fixture(scope="module")
 def host_lib(tmp_path_factory):
-    gxx = shutil.which("g++") or shutil.which("c++")
-    if gxx is None:
-        pytest.skip("no C++ compiler for the host build of sampling.cu")
-    so = tmp_path_factory.mktemp("sampling_host") / "libsampling_host.so"
-    subprocess.run([gxx, "-std=c++17", "-O2", "-ffp-contract=off", "-DSAMPLING_HOST", "-shared", "-fPIC",
-                    "-x", "c++", str(CU), "-o", str(so)], check=True, capture_output=True)
-    lib = ctypes.CDLL(str(so))
+    lib = build_host_lib(tmp_path_factory, CU, "SAMPLING_HOST")
     vp = ctypes.c_void_p
     lib.sampling_host_philox.argtypes = [vp, vp, vp, ctypes.c_int]
     lib.sampling_host_uniform.argtypes = [ctypes.c_uint32]
