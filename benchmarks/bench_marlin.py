@@ -115,6 +115,8 @@ def main(argv=None) -> None:
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--json")
+    ap.add_argument("--config", help="force one kernel variant (marlin_ops._VARIANTS, e.g. m1 or d1) for every "
+                    "Marlin row, instead of the default choice")
     ap.add_argument("--layer", action="store_true",
                     help="also time one Llama-3-8B decode layer's grouped launches (n = 1), Marlin vs GGUF GEMV")
     ap.add_argument("--pdl", action="store_true",
@@ -143,15 +145,16 @@ def main(argv=None) -> None:
             ws = marlin_weights(cp, mo, tid, N, K)
             wbytes = ws[0].nbytes
             for M in ms:
-                t, p = bench_marlin(cp, mo, ws, M, K, stream)
+                t, p = bench_marlin(cp, mo, ws, M, K, stream, config=args.config)
                 key = (M, K, N)
                 if key not in cublas:
                     cublas[key] = bench_cublas(cp, qo, N, K, M, stream)
                 tc = cublas[key]
-                te = bench_marlin(cp, mo, ws, M, K, stream, a_dtype="f32")[0] if M <= 64 else float("nan")
+                te = (bench_marlin(cp, mo, ws, M, K, stream, a_dtype="f32", config=args.config)[0]
+                      if M <= 64 else float("nan"))
                 tg = bench_gguf(cp, qo, tid, N, K, M, stream) if M <= 8 else float("nan")
                 gbs = wbytes / t / 1e9
-                print(f"| {M} | {K} | {N} | {t * 1e6:.1f} | {gbs:.0f} | {p.kws}x{p.slabs} | {tc * 1e6:.1f} | "
+                print(f"| {M} | {K} | {N} | {t * 1e6:.1f} | {gbs:.0f} | {p.variant} {p.kws}x{p.slabs} | {tc * 1e6:.1f} | "
                       f"{tc / t:.2f}x | {te * 1e6:.1f} | {tg * 1e6:.1f} |", flush=True)
                 rows.append({"type": tname, "M": M, "K": K, "N": N, "marlin_us": t * 1e6, "gbps": gbs,
                              "slabs": p.slabs, "kernel": p.kernel_name, "cublas_f16_us": tc * 1e6,
@@ -163,12 +166,17 @@ def main(argv=None) -> None:
                         for s in (1, 2, 4, 8, 12, 16, 32):
                             if s * kws <= K // 32:
                                 try:
-                                    res.append((bench_marlin(cp, mo, ws, M, K, stream, slabs=s, kws=kws)[0] * 1e6,
-                                                f"k{kws}s{s}"))
+                                    res.append((bench_marlin(cp, mo, ws, M, K, stream, slabs=s, kws=kws,
+                                                             config=args.config)[0] * 1e6, f"k{kws}s{s}"))
                                 except ValueError:
                                     pass
                     res.sort()
-                    p = bench_marlin(cp, mo, ws, M, K, stream)[1]
+                    if M == 1 and tname == "Q4_0" and args.config is None:
+                        for v in mo.SWEEP_VARIANTS:
+                            if v.startswith(mo._config(1)):
+                                res.append((bench_marlin(cp, mo, ws, M, K, stream, config=v)[0] * 1e6, v))
+                        res.sort()
+                    p = bench_marlin(cp, mo, ws, M, K, stream, config=args.config)[1]
                     print(f"#   sweep {tname} M={M} K={K} N={N} (best first): " +
                           " ".join(f"{c}={t:.1f}" for t, c in res[:8]) + f"  (default k{p.kws}s{p.slabs})")
             del ws

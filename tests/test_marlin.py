@@ -200,7 +200,7 @@ def test_gemm_configs_and_slabs(cp, mo, t):
     raw = _raw(rng, t, shape)
     ref_w = dequantize(raw, t, shape).astype(np.float64)
     mw = _marlin(cp, mo, t, raw, shape)
-    for config in list(mo.MTS) + (list(mo.SWEEP_VARIANTS) if t == 2 else []):
+    for config in list(mo.CONFIGS) + (list(mo.SWEEP_VARIANTS) if t == 2 else []):
         for M in (1, 5, 33):
             for slabs, kws in ((1, 1), (3, 1), (8, 1), (shape[1] // 32, 1), (1, 8), (2, 4), (3, 2)):
                 if kws > 1 and M > 16:
@@ -231,7 +231,7 @@ def test_gemm_epilogues(cp, mo, t):
     raws = [_raw(rng, t, s) for s in shapes]
     refs = [dequantize(r, t, s).astype(np.float64) for r, s in zip(raws, shapes)]
     ws = [_marlin(cp, mo, t, r, s) for r, s in zip(raws, shapes)]
-    for M in (1, 4, 20):
+    for M in (1, 4, 12, 20):
         a = rng.standard_normal((M, K)).astype(np.float32)
         ad = cp.asarray(a)
         # q/k/v: three weights, three outputs

@@ -200,6 +200,159 @@ __device__ __forceinline__ void for_acc(int lane, F&& f) {
                     f(w, mt, t8, r, mt * 16 + (lane >> 2) + (r >= 2 ? 8 : 0), t8 * 8 + 2 * (lane & 3) + (r & 1));
 }
 
+// -- the end of a warp's work item, shared by both GEMM kernels ---------------------------------
+// `each(f)` calls f(row, col, a, b) for every accumulator element of this lane: row the tile row
+// (0 .. rows), col the tile column (0 .. 63), a the sum of weight 0 (or of the gate) and b the
+// up projection's sum (the same element as a when NWT == 1). Reduces the k-split inside the CTA
+// (kws warps a tile, shared memory), across the CTAs of a cluster (distributed shared memory) or
+// through partials and tickets, then applies the epilogue and stores.
+struct MarlinJob {
+    float *o0, *o1, *o2;
+    int N0, N1, N2, t1, t2, t3;
+    int M, m0, rows, slabs, kws, cluster, mode, y;
+    const float* resid;
+    float* part;
+    u32* tickets;
+};
+
+template <int NWT, bool GLU, typename Each>
+__device__ __forceinline__ void marlin_finish(const MarlinJob& j, Each&& each, u8* smem, int warp, int lane,
+                                              int t, bool active, int sub, int g, int nt, int N) {
+    const int rows = j.rows;
+    if (j.kws > 1) {                               // the tile's other k-warps -> its first (sub == 0)
+        __syncthreads();                           // every ring is drained
+        float* red = reinterpret_cast<float*>(smem);             // [warp][w][rows][64]
+        if (active && sub != 0) {
+            each([&](int row, int col, float& a, float& b) {
+                if (row < rows) {
+                    red[((warp * NWT) * rows + row) * 64 + col] = a;
+                    if (NWT == 2) red[((warp * NWT + 1) * rows + row) * 64 + col] = b;
+                }
+            });
+        }
+        __syncthreads();
+        if (!active || sub != 0) return;
+        for (int q = 1; q < j.kws; ++q)
+            each([&](int row, int col, float& a, float& b) {
+                if (row < rows) {
+                    a += red[(((warp + q) * NWT) * rows + row) * 64 + col];
+                    if (NWT == 2) b += red[(((warp + q) * NWT + 1) * rows + row) * 64 + col];
+                }
+            });
+    }
+
+    float* out = g == 0 ? j.o0 : (g == 1 ? j.o1 : j.o2);
+    const int ncol0 = nt * 64;
+    const int slabs = j.slabs, mode = j.mode, m0 = j.m0, t3 = j.t3;
+    if (j.cluster && slabs > 1) {
+        // the slabs of these 8 tiles are the CTAs of one cluster: each CTA puts its warps' tiles in
+        // its shared memory, then reduces 1/slabs of the elements over all the cluster's CTAs
+        __syncthreads();                           // the ring is free (cp_wait<0> before this call)
+        float* red = reinterpret_cast<float*>(smem);             // [w][warp][rows][64]
+        const int per = rows * 64;
+        if (active) {
+            each([&](int row, int col, float& a, float& b) {
+                if (row < rows) {
+                    red[(warp * rows + row) * 64 + col] = a;
+                    if (NWT == 2) red[((8 + warp) * rows + row) * 64 + col] = b;
+                }
+            });
+        }
+        cluster_sync();
+        const int total = 8 * per;
+        const u32 rank = cluster_rank();
+        const int e0 = (int)((i64)rank * total / slabs), e1 = (int)((i64)(rank + 1) * total / slabs);
+        for (int e = e0 + threadIdx.x; e < e1; e += MARLIN_THREADS) {
+            const int wp = e / per, rem = e - wp * per, row = rem >> 6, col = rem & 63;
+            const int te = blockIdx.x * 8 + wp;    // (cluster mode: kws == 1)
+            if (te >= t3) continue;
+            const int ge = te < j.t1 ? 0 : (te < j.t2 ? 1 : 2);
+            const int nte = te - (ge == 0 ? 0 : (ge == 1 ? j.t1 : j.t2));
+            const int Ne = ge == 0 ? j.N0 : (ge == 1 ? j.N1 : j.N2);
+            const int n = nte * 64 + col;
+            if (n >= Ne) continue;
+            float v = 0.0f, u = 0.0f;
+            for (int q = 0; q < slabs; ++q) {
+                v += ld_cluster_f32(red + e, (u32)q);
+                if (GLU) u += ld_cluster_f32(red + 8 * per + e, (u32)q);
+            }
+            const i64 o = (i64)(m0 + row) * Ne + n;
+            if (GLU) v = (mode == 1 ? act_silu(v) : act_gelu(v)) * u;
+            else if (mode == 3) v += j.resid[o];
+            (ge == 0 ? j.o0 : (ge == 1 ? j.o1 : j.o2))[o] = v;
+        }
+        cluster_sync();                            // shared memory stays until every CTA has read it
+        return;
+    }
+    if (!active) return;
+    if (slabs == 1) {                              // the whole k range: store
+        each([&](int row, int col, float& a, float& b) {
+            const int n = ncol0 + col;
+            if (row < rows && n < N) {
+                const i64 o = (i64)(m0 + row) * N + n;
+                float v = a;
+                if (GLU) v = (mode == 1 ? act_silu(v) : act_gelu(v)) * b;
+                else if (mode == 3) v += j.resid[o];
+                out[o] = v;
+            }
+        });
+        return;
+    }
+    // partials: part[w][slab][row][tile][64]
+    const int M = j.M;
+    float* part = j.part;
+    const i64 pw = (i64)slabs * M * t3 * 64;
+    each([&](int row, int col, float& a, float& b) {
+        if (row < rows) {
+            const i64 p = (((i64)j.y * M + m0 + row) * t3 + t) * 64 + col;
+            part[p] = a;
+            if (NWT == 2) part[pw + p] = b;
+        }
+    });
+    __threadfence();
+    __syncwarp();
+    u32* ticket = j.tickets + (i64)t * gridDim.z + blockIdx.z;
+    u32 old = 0;
+    if (lane == 0) old = atomicAdd(ticket, 1u);
+    old = __shfl_sync(0xffffffffu, old, 0);
+    if (old != (u32)(slabs - 1)) return;
+    __threadfence();
+    // sum the slabs: 4 elements a lane at a time, the loads of 4 slabs in flight together
+    for (int e0 = 0; e0 < rows * 64; e0 += 128) {
+        float v[4] = {0.0f, 0.0f, 0.0f, 0.0f}, u[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        i64 pi[4];
+        bool ok[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const int e = e0 + q * 32 + lane;
+            ok[q] = e < rows * 64 && ncol0 + (e & 63) < N;
+            pi[q] = (((i64)(m0 + (e >> 6))) * t3 + t) * 64 + (e & 63);
+        }
+        const i64 sstride = (i64)M * t3 * 64;
+#pragma unroll 4
+        for (int s2 = 0; s2 < slabs; ++s2) {
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                if (ok[q]) {
+                    v[q] += __ldcg(part + s2 * sstride + pi[q]);
+                    if (GLU) u[q] += __ldcg(part + pw + s2 * sstride + pi[q]);
+                }
+            }
+        }
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            if (!ok[q]) continue;
+            const int e = e0 + q * 32 + lane;
+            const i64 o = (i64)(m0 + (e >> 6)) * N + ncol0 + (e & 63);
+            float x = v[q];
+            if (GLU) x = (mode == 1 ? act_silu(x) : act_gelu(x)) * u[q];
+            else if (mode == 3) x += j.resid[o];
+            out[o] = x;
+        }
+    }
+    if (lane == 0) *ticket = 0u;                   // ready for the next replay
+}
+
 // -- the GEMM ------------------------------------------------------------------------------------
 // Work items. Every warp owns one 64-column tile of one weight ("tile" t over the concatenated
 // tiles of the launch's weights) and one k-slab (a contiguous run of 32-element groups): it walks
@@ -370,122 +523,289 @@ __device__ __forceinline__ void marlin_main(
         }
     }
     cp_wait<0>();
-    if (kws > 1) {                                 // the tile's other k-warps -> its first (sub == 0)
-        __syncthreads();                           // every ring is drained
-        float* red = reinterpret_cast<float*>(smem);             // [warp][w][rows][64]
-        if (active && sub != 0) {
-            for_acc<NWT, MT>(lane, [&](int w, int mt, int t8, int r, int row, int col) {
-                if (row < rows) red[((warp * NWT + w) * rows + row) * 64 + col] = acc[w][mt][t8][r];
-            });
-        }
-        __syncthreads();
-        if (!active || sub != 0) return;
-        for (int q = 1; q < kws; ++q)
-            for_acc<NWT, MT>(lane, [&](int w, int mt, int t8, int r, int row, int col) {
-                if (row < rows) acc[w][mt][t8][r] += red[(((warp + q) * NWT + w) * rows + row) * 64 + col];
-            });
-    }
-
-    float* out = g == 0 ? o0 : (g == 1 ? o1 : o2);
-    const int ncol0 = nt * 64;
-    if (cluster && slabs > 1) {
-        // the slabs of these 8 tiles are the CTAs of one cluster: each CTA puts its warps' tiles in
-        // its shared memory, then reduces 1/slabs of the elements over all the cluster's CTAs
-        __syncthreads();                           // the ring is free (cp_wait<0> above)
-        float* red = reinterpret_cast<float*>(smem);             // [w][warp][rows][64]
-        const int per = rows * 64;
-        if (active) {
-            for_acc<NWT, MT>(lane, [&](int w, int mt, int t8, int r, int row, int col) {
-                if (row < rows) red[((w * 8 + warp) * rows + row) * 64 + col] = acc[w][mt][t8][r];
-            });
-        }
-        cluster_sync();
-        const int total = 8 * per;
-        const u32 rank = cluster_rank();
-        const int e0 = (int)((i64)rank * total / slabs), e1 = (int)((i64)(rank + 1) * total / slabs);
-        for (int e = e0 + threadIdx.x; e < e1; e += MARLIN_THREADS) {
-            const int wp = e / per, rem = e - wp * per, row = rem >> 6, col = rem & 63;
-            const int te = blockIdx.x * 8 + wp;    // (cluster mode: kws == 1)
-            if (te >= t3) continue;
-            const int ge = te < t1 ? 0 : (te < t2 ? 1 : 2);
-            const int nte = te - (ge == 0 ? 0 : (ge == 1 ? t1 : t2));
-            const int Ne = ge == 0 ? N0 : (ge == 1 ? N1 : N2);
-            const int n = nte * 64 + col;
-            if (n >= Ne) continue;
-            float v = 0.0f, u = 0.0f;
-            for (int q = 0; q < slabs; ++q) {
-                v += ld_cluster_f32(red + e, (u32)q);
-                if (GLU) u += ld_cluster_f32(red + 8 * per + e, (u32)q);
-            }
-            const i64 o = (i64)(m0 + row) * Ne + n;
-            if (GLU) v = (mode == 1 ? act_silu(v) : act_gelu(v)) * u;
-            else if (mode == 3) v += resid[o];
-            (ge == 0 ? o0 : (ge == 1 ? o1 : o2))[o] = v;
-        }
-        cluster_sync();                            // shared memory stays until every CTA has read it
-        return;
-    }
-    if (!active) return;
-    if (slabs == 1) {                              // the whole k range: store
+    const MarlinJob job{o0, o1, o2, N0, N1, N2, t1, t2, t3, M, m0, rows, slabs, kws, cluster, mode, y, resid, part, tickets};
+    marlin_finish<NWT, GLU>(job, [&](auto&& f) {
         for_acc<1, MT>(lane, [&](int, int mt, int t8, int r, int row, int col) {
-            const int n = ncol0 + col;
-            if (row < rows && n < N) {
-                const i64 o = (i64)(m0 + row) * N + n;
-                float v = acc[0][mt][t8][r];
-                if (GLU) v = (mode == 1 ? act_silu(v) : act_gelu(v)) * acc[NWT - 1][mt][t8][r];
-                else if (mode == 3) v += resid[o];
-                out[o] = v;
-            }
+            f(row, col, acc[0][mt][t8][r], acc[NWT - 1][mt][t8][r]);
         });
-        return;
-    }
-    // partials: part[w][slab][row][tile][64]
-    const i64 pw = (i64)slabs * M * t3 * 64;
-    for_acc<NWT, MT>(lane, [&](int w, int mt, int t8, int r, int row, int col) {
-        if (row < rows) part[w * pw + (((i64)y * M + m0 + row) * t3 + t) * 64 + col] = acc[w][mt][t8][r];
-    });
-    __threadfence();
-    __syncwarp();
-    u32* ticket = tickets + (i64)t * gridDim.z + blockIdx.z;
-    u32 old = 0;
-    if (lane == 0) old = atomicAdd(ticket, 1u);
-    old = __shfl_sync(0xffffffffu, old, 0);
-    if (old != (u32)(slabs - 1)) return;
-    __threadfence();
-    // sum the slabs: 4 elements a lane at a time, the loads of 4 slabs in flight together
-    for (int e0 = 0; e0 < rows * 64; e0 += 128) {
-        float v[4] = {0.0f, 0.0f, 0.0f, 0.0f}, u[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        i64 pi[4];
-        bool ok[4];
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            const int e = e0 + q * 32 + lane;
-            ok[q] = e < rows * 64 && ncol0 + (e & 63) < N;
-            pi[q] = (((i64)(m0 + (e >> 6))) * t3 + t) * 64 + (e & 63);
+    }, smem, warp, lane, t, active, sub, g, nt, N);
+}
+
+// -- the decode kernel (M <= 16): weights as the mma's A operand ---------------------------------
+// For a few rows of activations the roles swap: mma.m16n8k16 computes out^T = W (16 columns x 16 k,
+// the "A" operand) x act^T (16 k x 8 rows), so no accumulator holds a padding row at M <= 8. A
+// lane's 16-byte word of the layout is, register-reordered, the A fragment of its 16 columns:
+// words j = 0..3 cover columns 16j .. 16j+15 (b[0], b[2], b[1], b[3] of dequant_word's order).
+// The nibbles enter the mma raw: the low nibble of a pair as 1024 + q and the high one as
+// 1024 + 16q (the 0x6400 trick with no arithmetic after the lop3), and the activations at the
+// high nibbles' k positions (8..15 of every k-step) are stored divided by 16, so a group's sum is
+//   R = sum q a + 1024 sum_lo a + 64 sum_hi a.
+// The CTA precomputes per row and group C = (1024 + z) sum_lo a + (64 + z) sum_hi a (z = 8 for Q4_0,
+// whose codes are q - 8, else 0) and, for Q4_1/Q4_K, S = sum a; then per group and element
+//   acc += s (R - C) [+ m S]
+// in f32 (s, m: the column's group scale and offset). All products inside the mma are exact
+// (integers times f16), so this is at least as accurate as scaling in f16 first.
+// T: row tiles of 8 (rows = 8 T). Otherwise the work partitioning, ring and epilogue are
+// marlin_main's: a warp streams one 64-column tile's k-slab through a private cp.async ring.
+
+template <int QT>
+struct DecGroup {
+    static constexpr int SCB = QT == 1 ? 256 : 128;          // a group's scale bytes in the gs section
+    static constexpr int GB = 1024 + (QT == 0 ? 128 : (QT == 1 ? 256 : 384));   // one group in the ring
+};
+
+// This lane's column scales (and offsets) of one group, read from the ring (layout of copy_group
+// below) once and turned into f32 two at a time: slot i = 2 j + h is word j, column c0 (h = 0) / c1.
+template <int QT>
+struct DecScales {
+    uint4 v, u, d;                                 // Q4_0: v = 8 f16 d; Q4_1: + u = 8 f16 m; Q4_K: v = 8 sc | 8 min, u/d = d/dmin
+    __device__ __forceinline__ void load(const u8* st, int lane) {
+        const int q = lane >> 2;
+        v = *reinterpret_cast<const uint4*>(st + 1024 + q * 16);
+        if (QT == 1) u = *reinterpret_cast<const uint4*>(st + 1024 + 128 + q * 16);
+        if (QT == 2) {
+            u = *reinterpret_cast<const uint4*>(st + 1024 + 128 + q * 32);
+            d = *reinterpret_cast<const uint4*>(st + 1024 + 128 + q * 32 + 16);
         }
-        const i64 sstride = (i64)M * t3 * 64;
-#pragma unroll 4
-        for (int s2 = 0; s2 < slabs; ++s2) {
+    }
+    __device__ __forceinline__ float s(int i) const {
+        if (QT == 2) return __half2float(reinterpret_cast<const half*>(&u)[i]) * (float)reinterpret_cast<const u8*>(&v)[i];
+        return __half2float(reinterpret_cast<const half*>(&v)[i]);
+    }
+    __device__ __forceinline__ float m(int i) const {
+        if (QT == 2) return -(__half2float(reinterpret_cast<const half*>(&d)[i]) * (float)reinterpret_cast<const u8*>(&v)[8 + i]);
+        if (QT == 1) return __half2float(reinterpret_cast<const half*>(&u)[i]);
+        return 0.0f;
+    }
+};
+
+template <int QT, int T, bool GLU, int STAGES, int GPS>
+__device__ __forceinline__ void marlin_dec_main(
+        const u8* __restrict__ w0, const u8* __restrict__ w1, const u8* __restrict__ w2,
+        float* o0, float* o1, float* o2, int N0, int N1, int N2, int t1, int t2, int t3,
+        const void* __restrict__ Av, int a_f16, int M, int K, int lda,
+        const float* resid, int mode, int slabs, int kws, int cluster, float* part, u32* tickets) {
+    constexpr int NWT = GLU ? 2 : 1;
+    constexpr int GB = DecGroup<QT>::GB, SCB = DecGroup<QT>::SCB;
+    constexpr int WST1 = GB * NWT;                 // one group of the warp's weights
+    constexpr int WST = WST1 * GPS;                // one stage
+    constexpr int MR = 8 * T;                      // rows of a tile
+    constexpr bool OFS = QT != 0;                  // codes carry an offset m (Q4_1, Q4_K)
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int G = K / 32;
+    const int y = blockIdx.y;
+    const int g0 = (int)((i64)y * G / slabs), g1 = (int)((i64)(y + 1) * G / slabs);
+    const int ngc = g1 - g0;
+    const int kw = ngc * 32;
+    const int lds = kw + 8;                        // A window row stride (halves): rows 16 bytes apart mod 128
+    const int m0 = blockIdx.z * MR;
+    const int rows = min(M - m0, MR);
+    const int sub = warp % kws;
+    const int t = blockIdx.x * (8 / kws) + warp / kws;
+    const int gw0 = g0 + (sub * ngc) / kws;
+    const int ng = g0 + ((sub + 1) * ngc) / kws - gw0;
+    const bool active = t < t3;
+    const int g = t < t1 ? 0 : (t < t2 ? 1 : 2);
+    const int nt = t - (g == 0 ? 0 : (g == 1 ? t1 : t2));
+    const u8* W = g == 0 ? w0 : (g == 1 ? w1 : w2);
+    const int N = g == 0 ? N0 : (g == 1 ? N1 : N2);
+    const Layout L = layout_of<QT>(N, K);          // (gate and up share a shape: one layout)
+
+    extern __shared__ uint4 smem4[];
+    u8* smem = reinterpret_cast<u8*>(smem4);
+    u8* ring = smem + warp * STAGES * WST;
+    half* sA = reinterpret_cast<half*>(smem + 8 * STAGES * WST);
+    float* sC = reinterpret_cast<float*>(sA + rows * lds);          // [rows][ngc]
+    float* sS = sC + rows * ngc;                                    // [rows][ngc] (OFS)
+    u8* sZero = reinterpret_cast<u8*>(sS + (OFS ? rows * ngc : 0));
+    sZero = reinterpret_cast<u8*>((reinterpret_cast<size_t>(sZero) + 15) & ~(size_t)15);
+
+    // this warp's streams: byte offsets (from the weight's base) at its first group
+    const i64 qoff = ((i64)nt * (K / 16) + 2 * gw0) * 512 + lane * 16;
+    const i64 goff = L.gs + ((i64)nt * G + gw0) * SCB + lane * 16;
+    const i64 soff = L.ss + (i64)nt * (G / 8) * 256 + (lane - 8) * 16;
+    const int n_st = (ng + GPS - 1) / GPS;
+    auto copy_group = [&](u8* dst, const u8* Wp, int gi) {
+        const u8* q = Wp + qoff + (i64)gi * 1024;
+        cp_async16(dst + lane * 16, q);
+        cp_async16(dst + 512 + lane * 16, q + 512);
+        if (QT == 0) {
+            if (lane < 8) cp_async16(dst + 1024 + lane * 16, Wp + goff + (i64)gi * 128);
+        } else if (QT == 1) {
+            if (lane < 16) cp_async16(dst + 1024 + lane * 16, Wp + goff + (i64)gi * 256);
+        } else {
+            if (lane < 8) cp_async16(dst + 1024 + lane * 16, Wp + goff + (i64)gi * 128);
+            else if (lane < 24) cp_async16(dst + 1024 + 128 + (lane - 8) * 16, Wp + soff + (i64)((gw0 + gi) >> 3) * 256);
+        }
+    };
+    auto issue = [&](int i, int slot) {
+        if (active && i < n_st) {
 #pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                if (ok[q]) {
-                    v[q] += __ldcg(part + s2 * sstride + pi[q]);
-                    if (GLU) u[q] += __ldcg(part + pw + s2 * sstride + pi[q]);
+            for (int q = 0; q < GPS; ++q) {
+                const int gi = i * GPS + q;
+                if (gi < ng) {
+                    u8* dst = ring + slot * WST + q * WST1;
+                    copy_group(dst, W, gi);
+                    if (GLU) copy_group(dst + GB, w1, gi);
                 }
             }
         }
+        cp_commit();
+    };
+
+    PDL_TRIGGER();
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+    // The A window: one thread per (row, group) of the slab. Its loads go out before the weight
+    // stages so that they are not queued behind them; the stores and sums follow the stages' issue.
+    const int items = rows * ngc;
+    constexpr float ZP = QT == 0 ? 8.0f : 0.0f;
+    auto stage_a = [&](int it) {
+        const int r = it / ngc, gg = it - r * ngc;
+        uint4 h[4];
+        if (a_f16) {
+            const uint4* src = reinterpret_cast<const uint4*>(reinterpret_cast<const half*>(Av) + (i64)(m0 + r) * lda +
+                                                              (g0 + gg) * 32);
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            if (!ok[q]) continue;
-            const int e = e0 + q * 32 + lane;
-            const i64 o = (i64)(m0 + (e >> 6)) * N + ncol0 + (e & 63);
-            float x = v[q];
-            if (GLU) x = (mode == 1 ? act_silu(x) : act_gelu(x)) * u[q];
-            else if (mode == 3) x += resid[o];
-            out[o] = x;
+            for (int c = 0; c < 4; ++c) h[c] = src[c];
+        } else {
+            const float4* src = reinterpret_cast<const float4*>(reinterpret_cast<const float*>(Av) + (i64)(m0 + r) * lda +
+                                                                (g0 + gg) * 32);
+            float4 f[8];
+#pragma unroll
+            for (int c = 0; c < 8; ++c) f[c] = src[c];
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                h[c].x = h2u(__floats2half2_rn(f[2 * c].x, f[2 * c].y));
+                h[c].y = h2u(__floats2half2_rn(f[2 * c].z, f[2 * c].w));
+                h[c].z = h2u(__floats2half2_rn(f[2 * c + 1].x, f[2 * c + 1].y));
+                h[c].w = h2u(__floats2half2_rn(f[2 * c + 1].z, f[2 * c + 1].w));
+            }
+        }
+        float slo = 0.0f, shi = 0.0f;
+        const half2 sixteenth = __float2half2_rn(0.0625f);
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {              // chunks of 8: k 0-7 (lo), 8-15 (hi), 16-23 (lo), 24-31 (hi)
+            u32* u = reinterpret_cast<u32*>(&h[c]);
+            float s = 0.0f;
+#pragma unroll
+            for (int p = 0; p < 4; ++p) {
+                const float2 v = __half22float2(u2h(u[p]));
+                s += v.x + v.y;
+                if (c & 1) u[p] = h2u(__hmul2(u2h(u[p]), sixteenth));
+            }
+            if (c & 1) shi += s; else slo += s;
+            *reinterpret_cast<uint4*>(sA + r * lds + gg * 32 + c * 8) = h[c];
+        }
+        sC[r * ngc + gg] = (1024.0f + ZP) * slo + (64.0f + ZP) * shi;
+        if (OFS) sS[r * ngc + gg] = slo + shi;
+    };
+    if (threadIdx.x == 0) *reinterpret_cast<uint4*>(sZero) = make_uint4(0, 0, 0, 0);
+    if ((int)threadIdx.x < items) stage_a(threadIdx.x);
+#pragma unroll
+    for (int i = 0; i < STAGES - 1; ++i) issue(i, i);
+    for (int it = threadIdx.x + MARLIN_THREADS; it < items; it += MARLIN_THREADS) stage_a(it);
+    __syncthreads();
+    if (!active && !cluster && kws == 1) return;   // (else every thread reaches the barriers below)
+
+    float acc[NWT][T][4][4];
+#pragma unroll
+    for (int w = 0; w < NWT; ++w)
+#pragma unroll
+        for (int tt = 0; tt < T; ++tt)
+#pragma unroll
+            for (int jj = 0; jj < 4; ++jj)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) acc[w][tt][jj][r] = 0.0f;
+
+    // ldmatrix.x4 row addresses: lanes 8i .. 8i+7 give rows 0-7 of k chunk i (of the group's 32)
+    u32 b_addr[T], b_mul[T];
+    // the C fragment's rows (columns of out^T): 2 (lane & 3) + {0, 1} within each row tile
+    int crow[T][2];
+    bool cok[T][2];
+#pragma unroll
+    for (int tt = 0; tt < T; ++tt) {
+        const int r = tt * 8 + (lane & 7);
+        b_addr[tt] = r < rows ? smem_addr(sA + r * lds + (gw0 - g0) * 32 + (lane >> 3) * 8) : smem_addr(sZero);
+        b_mul[tt] = r < rows ? 2u : 0u;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int rr = tt * 8 + 2 * (lane & 3) + h;
+            cok[tt][h] = rr < rows;
+            crow[tt][h] = (cok[tt][h] ? rr : 0) * ngc + (gw0 - g0);
         }
     }
-    if (lane == 0) *ticket = 0u;                   // ready for the next replay
+
+    const u32 LO = 0x000f000fu, HI = 0x00f000f0u, EX = 0x64006400u;
+    int slot = 0, slot_in = STAGES - 1;
+    for (int i = 0; i < (active ? n_st : 0); ++i) {
+        cp_wait<STAGES - 2>();
+        __syncwarp();
+        issue(i + STAGES - 1, slot_in);
+        slot_in = slot_in + 1 == STAGES ? 0 : slot_in + 1;
+        const u8* stage = ring + slot * WST;
+        slot = slot + 1 == STAGES ? 0 : slot + 1;
+#pragma unroll
+        for (int q = 0; q < GPS; ++q) {
+            const int gi = i * GPS + q;
+            if (GPS > 1 && gi >= ng) break;
+            u32 bf[T][4];
+            float cv[T][2], sv2[T][2];
+#pragma unroll
+            for (int tt = 0; tt < T; ++tt) {
+                ldmatrix_x4(bf[tt], b_addr[tt] + (u32)(gi * 32) * b_mul[tt]);
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    cv[tt][h] = cok[tt][h] ? sC[crow[tt][h] + gi] : 0.0f;
+                    sv2[tt][h] = (OFS && cok[tt][h]) ? sS[crow[tt][h] + gi] : 0.0f;
+                }
+            }
+#pragma unroll
+            for (int w = 0; w < NWT; ++w) {
+                const u8* st = stage + q * WST1 + w * GB;
+                DecScales<QT> sc;
+                sc.load(st, lane);
+                const uint4 k0 = *reinterpret_cast<const uint4*>(st + lane * 16);
+                const uint4 k1 = *reinterpret_cast<const uint4*>(st + 512 + lane * 16);
+                const u32 x0[4] = {k0.x, k0.y, k0.z, k0.w}, x1[4] = {k1.x, k1.y, k1.z, k1.w};
+#pragma unroll
+                for (int jj = 0; jj < 4; ++jj) {
+                    const u32 a0 = x0[jj], a1 = x1[jj], a08 = a0 >> 8, a18 = a1 >> 8;
+                    const u32 f0[4] = {lop3_and_or(a0, LO, EX), lop3_and_or(a08, LO, EX),
+                                       lop3_and_or(a0, HI, EX), lop3_and_or(a08, HI, EX)};
+                    const u32 f1[4] = {lop3_and_or(a1, LO, EX), lop3_and_or(a18, LO, EX),
+                                       lop3_and_or(a1, HI, EX), lop3_and_or(a18, HI, EX)};
+                    const float s0 = sc.s(2 * jj), s1 = sc.s(2 * jj + 1);
+                    const float m0v = OFS ? sc.m(2 * jj) : 0.0f, m1v = OFS ? sc.m(2 * jj + 1) : 0.0f;
+#pragma unroll
+                    for (int tt = 0; tt < T; ++tt) {
+                        float R[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                        mma_16816(R, f0, bf[tt][0], bf[tt][1]);
+                        mma_16816(R, f1, bf[tt][2], bf[tt][3]);
+#pragma unroll
+                        for (int r = 0; r < 4; ++r) {
+                            float v = fmaf(r < 2 ? s0 : s1, R[r] - cv[tt][r & 1], acc[w][tt][jj][r]);
+                            if (OFS) v = fmaf(r < 2 ? m0v : m1v, sv2[tt][r & 1], v);
+                            acc[w][tt][jj][r] = v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    cp_wait<0>();
+    const MarlinJob job{o0, o1, o2, N0, N1, N2, t1, t2, t3, M, m0, rows, slabs, kws, cluster, mode, y, resid, part, tickets};
+    marlin_finish<NWT, GLU>(job, [&](auto&& f) {
+#pragma unroll
+        for (int tt = 0; tt < T; ++tt)
+#pragma unroll
+            for (int jj = 0; jj < 4; ++jj)
+#pragma unroll
+                for (int r = 0; r < 4; ++r)
+                    f(tt * 8 + 2 * (lane & 3) + (r & 1), 16 * jj + (lane >> 2) + 8 * (r >> 1),
+                      acc[0][tt][jj][r], acc[NWT - 1][tt][jj][r]);
+    }, smem, warp, lane, t, active, sub, g, nt, N);
 }
 
 #define MARLIN_ARGS                                                                                   \
@@ -501,16 +821,27 @@ __device__ __forceinline__ void marlin_main(
         marlin_main<QT, MT, GLU, STAGES, GPS>(MARLIN_PASS);                                           \
     }
 
-#define MARLIN_TYPE(QT, QN)                                                \
+// marlin_<type>_d<T>[_glu]: the decode kernel, 8*T rows of A per tile
+#define MARLIN_DEC_KERNEL(NAME, QT, T, GLU, STAGES, GPS, MINB)                                        \
+    extern "C" __global__ void __launch_bounds__(MARLIN_THREADS, MINB) NAME(MARLIN_ARGS) {           \
+        marlin_dec_main<QT, T, GLU, STAGES, GPS>(MARLIN_PASS);                                        \
+    }
+
+// (MB1, MB2: CTAs per SM the d1 / d2 kernels are built for; Q4_K's scales need more registers)
+#define MARLIN_TYPE(QT, QN, MB1, MB2)                                      \
+    MARLIN_DEC_KERNEL(marlin_##QN##_d1, QT, 1, false, 4, 2, MB1)           \
+    MARLIN_DEC_KERNEL(marlin_##QN##_d1_glu, QT, 1, true, 4, 1, 2)          \
+    MARLIN_DEC_KERNEL(marlin_##QN##_d2, QT, 2, false, 4, 2, MB2)           \
+    MARLIN_DEC_KERNEL(marlin_##QN##_d2_glu, QT, 2, true, 4, 1, 1)          \
     MARLIN_KERNEL(marlin_##QN##_m1, QT, 1, false, 4, 2, 3)                 \
     MARLIN_KERNEL(marlin_##QN##_m1_glu, QT, 1, true, 4, 1, 2)              \
     MARLIN_KERNEL(marlin_##QN##_m2, QT, 2, false, 4, 1, 2)                 \
     MARLIN_KERNEL(marlin_##QN##_m2_glu, QT, 2, true, 4, 1, 1)              \
     MARLIN_KERNEL(marlin_##QN##_m4, QT, 4, false, 4, 1, 1)
 
-MARLIN_TYPE(0, q4_0)
-MARLIN_TYPE(1, q4_1)
-MARLIN_TYPE(2, q4_k)
+MARLIN_TYPE(0, q4_0, 3, 2)
+MARLIN_TYPE(1, q4_1, 3, 2)
+MARLIN_TYPE(2, q4_k, 2, 1)
 MARLIN_KERNEL(marlin_q4_0_m1_s4g1, 0, 1, false, 4, 1, 3)
 MARLIN_KERNEL(marlin_q4_0_m1_s6g1, 0, 1, false, 6, 1, 3)
 MARLIN_KERNEL(marlin_q4_0_m1_s8g1, 0, 1, false, 8, 1, 2)
@@ -518,6 +849,9 @@ MARLIN_KERNEL(marlin_q4_0_m1_s3g2, 0, 1, false, 3, 2, 3)
 MARLIN_KERNEL(marlin_q4_0_m1_s4g4, 0, 1, false, 4, 4, 2)
 MARLIN_KERNEL(marlin_q4_0_m2_s4g2, 0, 2, false, 4, 2, 2)
 MARLIN_KERNEL(marlin_q4_0_m4_s3g2, 0, 4, false, 3, 2, 1)
+MARLIN_DEC_KERNEL(marlin_q4_0_d1_s3g2, 0, 1, false, 3, 2, 3)
+MARLIN_DEC_KERNEL(marlin_q4_0_d1_s6g1, 0, 1, false, 6, 1, 3)
+MARLIN_DEC_KERNEL(marlin_q4_0_d1_s3g4, 0, 1, false, 3, 4, 3)
 
 // -- repacking GGUF blocks into the layout (at load), and reading it back ------------------------
 

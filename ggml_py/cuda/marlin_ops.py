@@ -133,19 +133,32 @@ def sm_count() -> int:
         return 132
 
 
-def _config(M: int) -> int:
-    """MT: rows of A per tile are 16 * MT."""
-    return 1 if M <= 16 else (2 if M <= 32 else 4)
+def dec_enabled() -> bool:
+    """GGFLAT_MARLIN_DEC=0 sends M <= 16 to the mma-B kernels (m1) instead of the decode kernels."""
+    return os.environ.get("GGFLAT_MARLIN_DEC", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-# compiled kernels (marlin.cu): name suffix -> (MT, glu, pipeline stages, groups per stage); the
-# first five exist for every type (the defaults), the rest for Q4_0 only (benchmarks' sweeps)
-_VARIANTS = {"m1": (1, False, 4, 2), "m1_glu": (1, True, 4, 1), "m2": (2, False, 4, 1),
-             "m2_glu": (2, True, 4, 1), "m4": (4, False, 4, 1),
-             "m1_s4g1": (1, False, 4, 1), "m1_s6g1": (1, False, 6, 1), "m1_s8g1": (1, False, 8, 1),
-             "m1_s3g2": (1, False, 3, 2), "m1_s4g4": (1, False, 4, 4), "m2_s4g2": (2, False, 4, 2),
-             "m4_s3g2": (4, False, 3, 2)}
+def _config(M: int) -> str:
+    """The default kernel variant (without _glu) for M rows of A."""
+    if M <= 16 and dec_enabled():
+        return "d1" if M <= 8 else "d2"
+    return "m1" if M <= 16 else ("m2" if M <= 32 else "m4")
+
+
+# compiled kernels (marlin.cu): name suffix -> (rows of A per tile, glu, pipeline stages, groups per
+# stage, decode kernel?). m<MT>: mma with the weights as B, 16 MT rows; d<T>: the decode kernel,
+# weights as A, 8 T rows. The variants with _s exist for Q4_0 only (benchmarks' sweeps).
+_VARIANTS = {"m1": (16, False, 4, 2, False), "m1_glu": (16, True, 4, 1, False), "m2": (32, False, 4, 1, False),
+             "m2_glu": (32, True, 4, 1, False), "m4": (64, False, 4, 1, False),
+             "d1": (8, False, 4, 2, True), "d1_glu": (8, True, 4, 1, True),
+             "d2": (16, False, 4, 2, True), "d2_glu": (16, True, 4, 1, True),
+             "m1_s4g1": (16, False, 4, 1, False), "m1_s6g1": (16, False, 6, 1, False),
+             "m1_s8g1": (16, False, 8, 1, False), "m1_s3g2": (16, False, 3, 2, False),
+             "m1_s4g4": (16, False, 4, 4, False), "m2_s4g2": (32, False, 4, 2, False),
+             "m4_s3g2": (64, False, 3, 2, False),
+             "d1_s3g2": (8, False, 3, 2, True), "d1_s6g1": (8, False, 6, 1, True), "d1_s3g4": (8, False, 3, 4, True)}
 SWEEP_VARIANTS = tuple(k for k in _VARIANTS if "_s" in k)
+CONFIGS = ("d1", "d2", "m1", "m2", "m4")          # the default variants (every type)
 MTS = (1, 2, 4)
 _RED_COST = 0.15                       # cost of one partial row of one slab, in groups (fitted)
 _RED_CLUSTER = 0.02                    # the same through a cluster's shared memory
@@ -160,10 +173,18 @@ def cluster_enabled() -> bool:
     return os.environ.get("GGFLAT_MARLIN_CLUSTER", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def _smem_bytes(variant: str, rows: int, kw: int, cluster: bool = False, kws: int = 1) -> int:
-    mt, glu, stages, gps = _VARIANTS[variant]
+_DEC_SCALE_BYTES = {2: 128, 3: 256, 12: 384}       # a group's scale bytes in the decode kernel's ring
+
+
+def _smem_bytes(variant: str, rows: int, kw: int, cluster: bool = False, kws: int = 1, ggml_type: int = 2) -> int:
+    _, glu, stages, gps, dec = _VARIANTS[variant]
     nwt = 2 if glu else 1
-    ring = 8 * stages * gps * WSTAGE * nwt + rows * (kw + 8) * 2 + 16
+    if dec:
+        ngc = kw // 32
+        ring = (8 * stages * gps * (1024 + _DEC_SCALE_BYTES[ggml_type]) * nwt + rows * (kw + 8) * 2
+                + rows * ngc * 4 * (1 if ggml_type == 2 else 2) + 32)
+    else:
+        ring = 8 * stages * gps * WSTAGE * nwt + rows * (kw + 8) * 2 + 16
     return max(ring, nwt * 8 * rows * 64 * 4) if (cluster or kws > 1) else ring
 
 
@@ -176,7 +197,7 @@ def _ctas_per_sm(regs: int, smem: int) -> int:
 
 
 def choose_split(tiles: int, m_tiles: int, groups: int, rows: int, variant: str, regs: int,
-                 sms: int) -> tuple[int, int]:
+                 sms: int, ggml_type: int = 2) -> tuple[int, int]:
     """(kws, slabs): the k-split inside a CTA (kws warps per tile, reduced in shared memory; 8 // kws
     tiles a CTA) and across CTAs (slabs, reduced in a cluster or through global partials).
 
@@ -196,7 +217,7 @@ def choose_split(tiles: int, m_tiles: int, groups: int, rows: int, variant: str,
             if s * kws > groups:
                 break
             kw = -(-groups // s) * 32
-            smem = _smem_bytes(variant, rows, kw, _use_cluster(s, rows, kws), kws)
+            smem = _smem_bytes(variant, rows, kw, _use_cluster(s, rows, kws), kws, ggml_type)
             if smem > SMEM_LIMIT:
                 continue
             ctas = per_slab * s
@@ -210,13 +231,14 @@ def choose_split(tiles: int, m_tiles: int, groups: int, rows: int, variant: str,
     return best or (1, groups)
 
 
-def choose_slabs(tiles: int, m_tiles: int, groups: int, rows: int, variant: str, regs: int, sms: int) -> int:
+def choose_slabs(tiles: int, m_tiles: int, groups: int, rows: int, variant: str, regs: int, sms: int,
+                 ggml_type: int = 2) -> int:
     """The slabs of choose_split with one warp per tile (kws = 1)."""
     best, best_cost = None, None
     per_slab = -(-tiles // 8) * m_tiles
     for s in range(1, groups + 1):
         kw = -(-groups // s) * 32
-        smem = _smem_bytes(variant, rows, kw, _use_cluster(s, rows, 1))
+        smem = _smem_bytes(variant, rows, kw, _use_cluster(s, rows, 1), 1, ggml_type)
         if smem > SMEM_LIMIT:
             continue
         ctas = per_slab * s
@@ -266,26 +288,27 @@ class MarlinPlan:
             if variant not in _VARIANTS or _VARIANTS[variant][1] != (glu is not None):
                 raise ValueError(f"no Marlin kernel variant {variant!r}{' with glu' if glu else ''}")
         else:
-            MT = int(config or _config(self.M))
-            if glu is not None and MT == 4:
-                MT = 2                               # no 4-tile glu kernel: more row tiles instead
-            variant = f"m{MT}{'_glu' if glu else ''}"
+            base = f"m{int(config)}" if config else _config(self.M)
+            if glu is not None and base == "m4":
+                base = "m2"                              # no 4-tile glu kernel: more row tiles instead
+            variant = f"{base}{'_glu' if glu else ''}"
             if variant not in _VARIANTS:
-                raise ValueError(f"no Marlin kernel for MT={MT}{', glu' if glu else ''}")
-        MT = _VARIANTS[variant][0]
-        self.MT, self.variant = MT, variant
+                raise ValueError(f"no Marlin kernel for config {config!r}{', glu' if glu else ''}")
+        tile_rows, _, _, _, self.dec = _VARIANTS[variant]
+        self.MT = max(1, tile_rows // 16)
+        self.tile_rows, self.variant = tile_rows, variant
         self.kernel_name = f"marlin_{_NAMES[t]}_{variant}"
-        self.m_tiles = -(-self.M // (16 * MT))
-        rows = min(self.M, 16 * MT)
+        self.m_tiles = -(-self.M // tile_rows)
+        rows = min(self.M, tile_rows)
         tiles = [-(-w.rows // 64) for w in (ws[:1] if glu else ws)]
         self.t_cum = np.cumsum(tiles + [0] * (3 - len(tiles))).tolist()
         T, G = self.t_cum[2], K // 32
         self._kern, regs = _function(self.kernel_name, 200 << 10)
         if slabs or kws:
             self.kws = int(kws or 1)
-            self.slabs = int(slabs) if slabs else choose_slabs(T, self.m_tiles, G, rows, variant, regs, sm_count())
+            self.slabs = int(slabs) if slabs else choose_slabs(T, self.m_tiles, G, rows, variant, regs, sm_count(), t)
         else:
-            self.kws, self.slabs = choose_split(T, self.m_tiles, G, rows, variant, regs, sm_count())
+            self.kws, self.slabs = choose_split(T, self.m_tiles, G, rows, variant, regs, sm_count(), t)
         if self.kws not in (1, 2, 4, 8) or (self.kws > 1 and rows > 16):
             raise ValueError(f"Marlin: kws must be 1, 2, 4 or 8 (1 above 16 rows), got {self.kws}")
         if not 1 <= self.slabs <= G or self.slabs * self.kws > G:
@@ -293,7 +316,7 @@ class MarlinPlan:
         kw = -(-G // self.slabs) * 32
         # slabs reduced in a cluster's shared memory (no partials in global memory, no tickets)
         self.cluster = _use_cluster(self.slabs, rows, self.kws)
-        self.smem = _smem_bytes(variant, rows, kw, self.cluster, self.kws)
+        self.smem = _smem_bytes(variant, rows, kw, self.cluster, self.kws, t)
         if self.smem > SMEM_LIMIT:
             raise ValueError(f"Marlin: {self.smem} bytes of shared memory needed; use more slabs")
         self.grid = (-(-T // (8 // self.kws)), self.slabs, self.m_tiles)
