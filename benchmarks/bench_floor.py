@@ -49,6 +49,25 @@ extern "C" __global__ void __launch_bounds__(256) read_floor(const uint4* __rest
 #endif
     if (acc == 0x9e3779b9u) out[blockIdx.x] = acc;
 }
+
+// the same bytes, each warp streaming its own contiguous share (as a GEMM warp streams its tile)
+extern "C" __global__ void __launch_bounds__(256) read_blocked(const uint4* __restrict__ p, long long n16,
+                                                               unsigned* out) {
+    const long long warps = (long long)gridDim.x * 8, w = (long long)blockIdx.x * 8 + (threadIdx.x >> 5);
+    const long long per = (n16 + warps - 1) / warps;
+    const long long b = w * per, e = min(n16, b + per);
+    unsigned acc = 0;
+    long long i = b + (threadIdx.x & 31);
+    for (; i + 7 * 32 < e; i += 8 * 32) {
+        uint4 v[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v[j] = __ldcs(p + i + j * 32);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc ^= v[j].x ^ v[j].y ^ v[j].z ^ v[j].w;
+    }
+    for (; i < e; i += 32) { uint4 v = __ldcs(p + i); acc ^= v.x ^ v.y ^ v.z ^ v.w; }
+    if (acc == 0x9e3779b9u) out[blockIdx.x] = acc;
+}
 """
 
 
@@ -65,6 +84,7 @@ def main(argv=None) -> None:
     from ggml_py.cuda.launch import launcher
     mod = cp.RawModule(code=SRC, options=("-std=c++17",))
     empty, rd = mod.get_function("empty_kernel"), mod.get_function("read_floor")
+    rb = mod.get_function("read_blocked")
     sms = cp.cuda.Device().attributes["MultiProcessorCount"]
     stream = cp.cuda.Stream(non_blocking=True)
     out = cp.zeros(sms * 64, cp.uint32)
@@ -82,6 +102,11 @@ def main(argv=None) -> None:
                      for b in bufs]
             t = time_graph(cp, calls, stream, reps=25)[0]
             print(f"| {mb:g} | {per} | {t * 1e6:.2f} | {n16 * 16 / t / 1e9:.0f} |", flush=True)
+        for per in (1, 2, 4):
+            calls = [launcher(rb.kernel, (sms * per,), (256,), (b, np.int64(n16), out), 0, stream, programmatic=pdl)
+                     for b in bufs]
+            t = time_graph(cp, calls, stream, reps=25)[0]
+            print(f"| {mb:g} | {per} (warp-blocked) | {t * 1e6:.2f} | {n16 * 16 / t / 1e9:.0f} |", flush=True)
         del bufs
         cp.get_default_memory_pool().free_all_blocks()
 

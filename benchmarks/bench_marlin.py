@@ -171,11 +171,27 @@ def main(argv=None) -> None:
                                 except ValueError:
                                     pass
                     res.sort()
+                    if M <= 16 and args.config is None:  # slabs reduced in a cluster also for few rows
+                        keep = mo.CLUSTER_MIN_ROWS
+                        mo.CLUSTER_MIN_ROWS = 0
+                        for s in (2, 4, 8, 16):
+                            try:
+                                res.append((bench_marlin(cp, mo, ws, M, K, stream, slabs=s, kws=1)[0] * 1e6, f"c{s}"))
+                            except ValueError:
+                                pass
+                        mo.CLUSTER_MIN_ROWS = keep
+                        res.sort()
                     if M == 1 and tname == "Q4_0" and args.config is None:
                         for v in mo.SWEEP_VARIANTS:
                             if v.startswith(mo._config(1)):
                                 res.append((bench_marlin(cp, mo, ws, M, K, stream, config=v)[0] * 1e6, v))
                         res.sort()
+                        best = res[0][1]
+                        kb, sb = (int(best[1]), int(best[3:])) if best[0] == "k" else (None, None)
+                        probes = [f"{v}={bench_marlin(cp, mo, ws, M, K, stream, config=v, slabs=sb, kws=kb)[0] * 1e6:.1f}"
+                                  for v in mo.PROBE_VARIANTS]
+                        print(f"#   probes at {best} (wrong results; time without the arithmetic / the A window): "
+                              + " ".join(probes))
                     p = bench_marlin(cp, mo, ws, M, K, stream, config=args.config)[1]
                     print(f"#   sweep {tname} M={M} K={K} N={N} (best first): " +
                           " ".join(f"{c}={t:.1f}" for t, c in res[:8]) + f"  (default k{p.kws}s{p.slabs})")

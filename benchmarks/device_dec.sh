@@ -1,17 +1,30 @@
 #!/usr/bin/env bash
-# One device call (carry .whl): Marlin tests, then the decode-kernel micro rows, sweeps and a profile.
+# One device call (carry .whl): Marlin tests (+ the backend-ops suite with every 4-bit weight in
+# the Marlin layout), the decode-kernel micro rows, the synthetic Llama-8B with each policy.
+#   bash benchmarks/device_dec.sh [tests] [backend] [micro] [sweep] [pdl] [model]
 set -u
 source benchmarks/device_setup.sh >/dev/null || exit 1
-NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-what="${*:-tests micro ncu}"
+what="${*:-tests backend micro model}"
+if [[ " $what " == *" model "* ]]; then
+  ( python3 benchmarks/make_synthetic.py --shape llama3-8b --type Q4_0 -o /tmp/llama8b-q4_0.gguf > $OUT/synth.log 2>&1 & )
+fi
 if [[ " $what " == *" tests "* ]]; then
-  timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_marlin.py 2>&1 | tee $OUT/tests.log | tail -8
+  timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_marlin.py 2>&1 | tee $OUT/tests.log | grep -E "passed|failed|Error|assert" | tail -8
+fi
+if [[ " $what " == *" backend "* ]]; then
+  GGFLAT_MARLIN=all timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_backend_ops.py 2>&1 | tee $OUT/backend.log | grep -E "passed|failed|Error|assert" | tail -8
 fi
 if [[ " $what " == *" micro "* ]]; then
-  timeout 200 python3 benchmarks/bench_marlin.py --types Q4_0 --ms 1,4,16,32,64 --layer --sweep 2>&1 | tee $OUT/micro.md | grep -v "^$"
-  timeout 60 python3 benchmarks/bench_marlin.py --types Q4_1,Q4_K --ms 1,16 2>&1 | tee $OUT/micro_q41k.md | grep "^|"
+  extra=""; [[ " $what " == *" sweep "* ]] && extra="--sweep"
+  timeout 240 python3 benchmarks/bench_marlin.py --types Q4_0 --ms 1,4,16,32,64 --layer $extra 2>&1 | tee $OUT/micro.md | grep -v "^$"
 fi
-if [[ " $what " == *" ncu "* ]]; then
-  timeout 100 $NCU --clock-control none -k regex:marlin_q --launch-skip 1 --launch-count 1 --metrics "regex:smsp__warp_issue_stalled_.*_per_warp_active.pct,sm__cycles_active.min,sm__cycles_active.max,sm__cycles_active.avg,smsp__inst_executed.sum,gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,launch__registers_per_thread,launch__occupancy_limit_shared_mem" python3 benchmarks/ncu_marlin.py --cases 1x4096x14336 > $OUT/ncu_d1.txt 2>&1
-  grep -E "stalled|cycles_active|inst_exec|duration|dram|registers|occupancy|^1x" $OUT/ncu_d1.txt | awk '$NF+0 > 0.9 || /cycles|inst|duration|^1x|regis|occu/'
+if [[ " $what " == *" pdl "* ]]; then
+  timeout 100 python3 benchmarks/bench_marlin.py --types Q4_0 --ms 1,16,64 --layer --pdl 2>&1 | tee $OUT/micro_pdl.md | grep "^|"
+fi
+if [[ " $what " == *" model "* ]]; then
+  while pgrep -f make_synthetic >/dev/null; do sleep 2; done; tail -1 $OUT/synth.log
+  for pol in auto all; do
+    echo "## GGFLAT_MARLIN=$pol"
+    GGFLAT_MARLIN=$pol timeout 150 python3 -m cli.main bench -m /tmp/llama8b-q4_0.gguf --backend cupy -p 512 -n 128 -r 3 2>&1 | grep -E "^\|" | tail -2
+  done 2>&1 | tee $OUT/bench_8b.md
 fi

@@ -123,7 +123,9 @@ def test_eligibility():
     assert mo.eligible(2, (4096, 4096)) and mo.eligible(12, (10, 256))
     assert not mo.eligible(12, (10, 128)) and not mo.eligible(8, (64, 64)) and not mo.eligible(2, (64,))
     assert mo.should_repack(2, (14336, 4096), 33 << 20) and not mo.should_repack(2, (64, 64), 2304)
-    assert not mo.should_repack(2, (4096, 4096), 9 << 20)          # few output tiles: the GEMV is faster
+    assert mo.should_repack(2, (4096, 4096), 9 << 20)               # every 4-bit weight of >= 2 MB
+    assert not mo.should_repack(3, (1536, 576), 497664)             # SmolLM2's sizes keep the GEMVs
+    assert not mo.should_repack(8, (4096, 4096), 17 << 20)          # Q8_0: not a Marlin type
 
 
 # -- GPU ------------------------------------------------------------------------------------------
@@ -261,6 +263,63 @@ def test_gemm_epilogues(cp, mo, t):
             mo.plan_gemm([ws[1]], M, residual=True, slabs=slabs)(ad, [out], resid=out)
             e = _nmse(cp.asnumpy(out), a.astype(np.float64) @ refs[1].T + r0)
             assert e <= NMSE, f"residual M={M} slabs={slabs} seed {seed}: {e:.3g}"
+
+
+@pytest.mark.parametrize("t", TYPES, ids=TYPES.get)
+def test_gemm_norm_and_rope(cp, mo, t):
+    """The decode kernels' folds: the rms_norm of A (with and without a weight) and the ropes of
+    q and k (all or part of the head rotating), through plan_gemm and through quant_ops'
+    grouped-launch entry (plan_mul_mat_group), against rms_norm -> matmul -> rope in float64."""
+    from ggml_py.cuda import quant_ops as qo
+    from tests.test_cuda_quant import _rope_ref
+    seed = _seed()
+    rng = np.random.default_rng(seed)
+    K, d = 512, 64
+    shapes = [(256, K), (128, K), (128, K)]
+    raws = [_raw(rng, t, s) for s in shapes]
+    refs = [dequantize(r, t, s).astype(np.float64) for r, s in zip(raws, shapes)]
+    ws = [_marlin(cp, mo, t, r, s) for r, s in zip(raws, shapes)]
+    nw = rng.uniform(0.5, 1.5, K).astype(np.float32)
+    for M in (1, 3, 12):
+        a = (rng.standard_normal((M, K)) * 3.0).astype(np.float32)
+        a64 = a.astype(np.float64)
+        an = a64 / np.sqrt((a64 * a64).mean(1, keepdims=True) + 1e-5)
+        pos = rng.integers(0, 4000, M).astype(np.int32)
+        for use_w, n_rot, norm in ((True, d, 1e-5), (False, 32, 1e-5), (True, d, None)):
+            spec = {"members": (0, 1), "head_dim": d, "n_rot": n_rot, "base": 100000.0, "freq_scale": 0.5}
+            for via_group in ((False, True) if M <= qo.DECODE_MAX_N else (False,)):
+                if via_group:
+                    gp = qo.plan_mul_mat_group(ws, M, rope=spec, norm=norm)
+                    assert gp is not None, f"{TYPES[t]} M={M}: no grouped Marlin launch"
+                    bind = lambda x, outs, p, w: gp.bind(x, outs, None, pos=p, norm_w=w)   # noqa: E731
+                else:
+                    plan = mo.plan_gemm(ws, M, norm=norm, rope=spec)
+                    bind = lambda x, outs, p, w: plan.bind(x, outs, None, pos=p, norm_w=w)  # noqa: E731
+                outs = [cp.full((M, s[0]), np.nan, cp.float32) for s in shapes]
+                bind(cp.asarray(a), outs, cp.asarray(pos), cp.asarray(nw) if use_w else None)()
+                h = a64 if norm is None else (an * nw if use_w else an)
+                for g, (o, r) in enumerate(zip(outs, refs)):
+                    want = h @ r.T
+                    if g in spec["members"]:
+                        want = _rope_ref(want, pos, d, n_rot, spec["base"], spec["freq_scale"])
+                    e = _nmse(cp.asnumpy(o), want)
+                    assert e <= NMSE, (f"{TYPES[t]} M={M} norm={norm} w={use_w} n_rot={n_rot} group={via_group} "
+                                       f"member {g} seed {seed}: {e:.3g}")
+    # a norm folded into gate/up + swiglu
+    up_raw = _raw(rng, t, shapes[0])
+    up = _marlin(cp, mo, t, up_raw, shapes[0])
+    up_ref = dequantize(up_raw, t, shapes[0]).astype(np.float64)
+    for M in (1, 5):
+        a = rng.standard_normal((M, K)).astype(np.float32)
+        a64 = a.astype(np.float64)
+        h = a64 / np.sqrt((a64 * a64).mean(1, keepdims=True) + 1e-6) * nw
+        out = cp.full((M, shapes[0][0]), np.nan, cp.float32)
+        mo.plan_gemm([ws[0], up], M, glu="swiglu", norm=1e-6)(cp.asarray(a), [out], norm_w=cp.asarray(nw))
+        ref = _silu(h @ refs[0].T) * (h @ up_ref.T)
+        e = _nmse(cp.asnumpy(out), ref)
+        assert e <= NMSE, f"{TYPES[t]} norm + swiglu M={M} seed {seed}: {e:.3g}"
+    with pytest.raises(ValueError):
+        mo.plan_gemm(ws, 40, norm=1e-5)                  # no fold in the M > 16 kernels
 
 
 @pytest.mark.parametrize("t", TYPES, ids=TYPES.get)

@@ -47,6 +47,12 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(smem_addr(dst)), "l"(src));
 }
 
+// the copy only where p holds (no zero fill elsewhere: the other lanes' destinations stay untouched)
+__device__ __forceinline__ void cp_async16_if(u32 dst, const void* src, bool p) {
+    asm volatile("{\n.reg .pred q;\nsetp.ne.b32 q, %2, 0;\n@q cp.async.cg.shared.global [%0], [%1], 16;\n}\n"
+                 :: "r"(dst), "l"(src), "r"((int)p));
+}
+
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
 template <int N>
@@ -68,6 +74,15 @@ __device__ __forceinline__ void mma_16816(float* c, const u32* a, u32 b0, u32 b1
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// d = a b + (c0, c1, c0, c1): the C fragment's two columns' addends
+__device__ __forceinline__ void mma_16816_c(float* d, const u32* a, u32 b0, u32 b1, float c0, float c1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%10,%11,%10,%11};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(c0), "f"(c1));
 }
 
 __device__ __forceinline__ void ldmatrix_x4(u32* r, u32 addr) {
@@ -213,9 +228,23 @@ struct MarlinJob {
     const float* resid;
     float* part;
     u32* tickets;
+    const float2* rtab;                            // rope (store path only): [rows][n_rot / 2] (cos, sin)
+    int rope_mask, hd, n_rot;
 };
 
-template <int NWT, bool GLU, typename Each>
+// RoPE, ggml's normal mode: the cos and sin of pair p (elements 2p, 2p + 1 of a head) at position
+// pos -- elementwise.cu's rope_f32 step for step (theta by repeated multiplication, one double
+// sincos), as quant.cu's grouped GEMV does it, so a fused rope gives the unfused one's bits.
+__device__ __forceinline__ float2 rope_cs(int pos, int p, float theta_scale, float freq_scale) {
+    float theta = (float)pos;
+    for (int k = 0; k < p; ++k) theta = __fmul_rn(theta, theta_scale);
+    const double ang = (double)__fmul_rn(theta, freq_scale);
+    double sv, cv;
+    sincos(ang, &sv, &cv);
+    return make_float2((float)cv, (float)sv);
+}
+
+template <int NWT, bool GLU, int PX, typename Each>
 __device__ __forceinline__ void marlin_finish(const MarlinJob& j, Each&& each, u8* smem, int warp, int lane,
                                               int t, bool active, int sub, int g, int nt, int N) {
     const int rows = j.rows;
@@ -286,8 +315,19 @@ __device__ __forceinline__ void marlin_finish(const MarlinJob& j, Each&& each, u
     }
     if (!active) return;
     if (slabs == 1) {                              // the whole k range: store
+        const bool rope = PX != 0 && ((j.rope_mask >> g) & 1);
         each([&](int row, int col, float& a, float& b) {
             const int n = ncol0 + col;
+            if (PX != 0 && rope) {                 // (every lane of the warp is here)
+                const float other = __shfl_xor_sync(0xffffffffu, a, PX);
+                const int i = n % j.hd;
+                if (row < rows && n < N && i < j.n_rot) {
+                    const float2 cs = j.rtab[row * (j.n_rot >> 1) + (i >> 1)];
+                    const float a0 = (i & 1) ? other : a, a1 = (i & 1) ? a : other;
+                    a = (i & 1) ? __fadd_rn(__fmul_rn(a0, cs.y), __fmul_rn(a1, cs.x))      // a sin + b cos
+                                : __fsub_rn(__fmul_rn(a0, cs.x), __fmul_rn(a1, cs.y));     // a cos - b sin
+                }
+            }
             if (row < rows && n < N) {
                 const i64 o = (i64)(m0 + row) * N + n;
                 float v = a;
@@ -370,7 +410,9 @@ __device__ __forceinline__ void marlin_main(
         const u8* __restrict__ w0, const u8* __restrict__ w1, const u8* __restrict__ w2,
         float* o0, float* o1, float* o2, int N0, int N1, int N2, int t1, int t2, int t3,
         const void* __restrict__ Av, int a_f16, int M, int K, int lda,
-        const float* resid, int mode, int slabs, int kws, int cluster, float* part, u32* tickets) {
+        const float* resid, int mode, int slabs, int kws, int cluster, float* part, u32* tickets,
+        const int* pos, int rope_mask, int hd, int n_rot, float theta_scale, float freq_scale,
+        const float* norm_w, float eps, int norm) {
     constexpr int NWT = GLU ? 2 : 1;               // weights a warp reads (gate and up together)
     constexpr int WST1 = MARLIN_WSTAGE * NWT;      // one group's bytes (codes + scales, both weights)
     constexpr int WST = WST1 * GPS;                // one warp's bytes of one stage (GPS groups)
@@ -523,8 +565,9 @@ __device__ __forceinline__ void marlin_main(
         }
     }
     cp_wait<0>();
-    const MarlinJob job{o0, o1, o2, N0, N1, N2, t1, t2, t3, M, m0, rows, slabs, kws, cluster, mode, y, resid, part, tickets};
-    marlin_finish<NWT, GLU>(job, [&](auto&& f) {
+    const MarlinJob job{o0, o1, o2, N0, N1, N2, t1, t2, t3, M, m0, rows, slabs, kws, cluster, mode, y, resid, part,
+                        tickets, nullptr, 0, hd, n_rot};
+    marlin_finish<NWT, GLU, 0>(job, [&](auto&& f) {
         for_acc<1, MT>(lane, [&](int, int mt, int t8, int r, int row, int col) {
             f(row, col, acc[0][mt][t8][r], acc[NWT - 1][mt][t8][r]);
         });
@@ -579,12 +622,16 @@ struct DecScales {
     }
 };
 
-template <int QT, int T, bool GLU, int STAGES, int GPS>
+// PROBE (benchmarks only, wrong results): 1 streams the weights but skips the arithmetic, 2 skips the
+// A window's loads -- to time the kernel's parts by leaving one out
+template <int QT, int T, bool GLU, int STAGES, int GPS, int PROBE = 0>
 __device__ __forceinline__ void marlin_dec_main(
         const u8* __restrict__ w0, const u8* __restrict__ w1, const u8* __restrict__ w2,
         float* o0, float* o1, float* o2, int N0, int N1, int N2, int t1, int t2, int t3,
         const void* __restrict__ Av, int a_f16, int M, int K, int lda,
-        const float* resid, int mode, int slabs, int kws, int cluster, float* part, u32* tickets) {
+        const float* resid, int mode, int slabs, int kws, int cluster, float* part, u32* tickets,
+        const int* pos, int rope_mask, int hd, int n_rot, float theta_scale, float freq_scale,
+        const float* norm_w, float eps, int norm) {
     constexpr int NWT = GLU ? 2 : 1;
     constexpr int GB = DecGroup<QT>::GB, SCB = DecGroup<QT>::SCB;
     constexpr int WST1 = GB * NWT;                 // one group of the warp's weights
@@ -617,64 +664,85 @@ __device__ __forceinline__ void marlin_dec_main(
     half* sA = reinterpret_cast<half*>(smem + 8 * STAGES * WST);
     float* sC = reinterpret_cast<float*>(sA + rows * lds);          // [rows][ngc]
     float* sS = sC + rows * ngc;                                    // [rows][ngc] (OFS)
-    u8* sZero = reinterpret_cast<u8*>(sS + (OFS ? rows * ngc : 0));
+    float* sNorm = sS + (OFS ? rows * ngc : 0);                     // [16][8]: the rows' sums of x^2 per warp
+    u8* sZero = reinterpret_cast<u8*>(sNorm + 128);
     sZero = reinterpret_cast<u8*>((reinterpret_cast<size_t>(sZero) + 15) & ~(size_t)15);
+    float2* sRope = reinterpret_cast<float2*>(sZero + 16);         // [rows][n_rot / 2] when the plan ropes
 
     // this warp's streams: byte offsets (from the weight's base) at its first group
     const i64 qoff = ((i64)nt * (K / 16) + 2 * gw0) * 512 + lane * 16;
     const i64 goff = L.gs + ((i64)nt * G + gw0) * SCB + lane * 16;
     const i64 soff = L.ss + (i64)nt * (G / 8) * 256 + (lane - 8) * 16;
     const int n_st = (ng + GPS - 1) / GPS;
-    auto copy_group = [&](u8* dst, const u8* Wp, int gi) {
-        const u8* q = Wp + qoff + (i64)gi * 1024;
-        cp_async16(dst + lane * 16, q);
-        cp_async16(dst + 512 + lane * 16, q + 512);
-        if (QT == 0) {
-            if (lane < 8) cp_async16(dst + 1024 + lane * 16, Wp + goff + (i64)gi * 128);
-        } else if (QT == 1) {
-            if (lane < 16) cp_async16(dst + 1024 + lane * 16, Wp + goff + (i64)gi * 256);
-        } else {
-            if (lane < 8) cp_async16(dst + 1024 + lane * 16, Wp + goff + (i64)gi * 128);
-            else if (lane < 24) cp_async16(dst + 1024 + 128 + (lane - 8) * 16, Wp + soff + (i64)((gw0 + gi) >> 3) * 256);
-        }
-    };
+    // Branch-free issue: every copy is predicated (a lane's scale copy on its lane, every copy on the
+    // group being in range), addresses are the stream offsets plus the group's stride.
+    const u32 ring_s = smem_addr(ring) + lane * 16;
+    const bool sc_lane = QT == 1 ? lane < 16 : lane < 8;
+    const bool ss_lane = QT == 2 && lane >= 8 && lane < 24;
     auto issue = [&](int i, int slot) {
-        if (active && i < n_st) {
 #pragma unroll
-            for (int q = 0; q < GPS; ++q) {
-                const int gi = i * GPS + q;
-                if (gi < ng) {
-                    u8* dst = ring + slot * WST + q * WST1;
-                    copy_group(dst, W, gi);
-                    if (GLU) copy_group(dst + GB, w1, gi);
-                }
+        for (int q = 0; q < GPS; ++q) {
+            const int gi = i * GPS + q;
+            const bool ok = active && gi < ng;
+#pragma unroll
+            for (int w = 0; w < NWT; ++w) {
+                const u8* Wp = w == 0 ? W : w1;
+                const u32 dst = ring_s + (u32)(slot * WST + q * WST1 + w * GB);
+                const u8* src = Wp + qoff + (i64)gi * 1024;
+                cp_async16_if(dst, src, ok);
+                cp_async16_if(dst + 512, src + 512, ok);
+                cp_async16_if(dst + 1024, Wp + goff + (i64)gi * SCB, ok && sc_lane);
+                // Q4_K: lanes 8..23 copy the superblock's d/dmin to 1024 + 128 + (lane - 8) * 16
+                if (QT == 2) cp_async16_if(dst + 1024, Wp + soff + (i64)((gw0 + gi) >> 3) * 256, ok && ss_lane);
             }
         }
         cp_commit();
     };
 
     PDL_TRIGGER();
+    issue(0, 0);                                   // weights: nothing before us writes them
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    // launched with PDL: A (and every buffer written below) belongs to the previous kernel until it
+    // has finished
     asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
-    // The A window: one thread per (row, group) of the slab. Its loads go out before the weight
-    // stages so that they are not queued behind them; the stores and sums follow the stages' issue.
+    // The A window: one thread per (row, group) of the slab. Its loads go out before the other
+    // weight stages so that they are not queued behind them.
     const int items = rows * ngc;
     constexpr float ZP = QT == 0 ? 8.0f : 0.0f;
     auto stage_a = [&](int it) {
         const int r = it / ngc, gg = it - r * ngc;
+        const i64 k0 = (i64)(g0 + gg) * 32;
         uint4 h[4];
-        if (a_f16) {
-            const uint4* src = reinterpret_cast<const uint4*>(reinterpret_cast<const half*>(Av) + (i64)(m0 + r) * lda +
-                                                              (g0 + gg) * 32);
+        if (a_f16 && !(norm && norm_w)) {
+            const uint4* src = reinterpret_cast<const uint4*>(reinterpret_cast<const half*>(Av) + (i64)(m0 + r) * lda + k0);
 #pragma unroll
             for (int c = 0; c < 4; ++c) h[c] = src[c];
         } else {
-            const float4* src = reinterpret_cast<const float4*>(reinterpret_cast<const float*>(Av) + (i64)(m0 + r) * lda +
-                                                                (g0 + gg) * 32);
             float4 f[8];
+            if (a_f16) {
+                const uint4* src = reinterpret_cast<const uint4*>(reinterpret_cast<const half*>(Av) + (i64)(m0 + r) * lda + k0);
 #pragma unroll
-            for (int c = 0; c < 8; ++c) f[c] = src[c];
+                for (int c = 0; c < 4; ++c) {
+                    const uint4 v = src[c];
+                    const float2 p0 = __half22float2(u2h(v.x)), p1 = __half22float2(u2h(v.y));
+                    const float2 p2 = __half22float2(u2h(v.z)), p3 = __half22float2(u2h(v.w));
+                    f[2 * c] = make_float4(p0.x, p0.y, p1.x, p1.y);
+                    f[2 * c + 1] = make_float4(p2.x, p2.y, p3.x, p3.y);
+                }
+            } else {
+                const float4* src = reinterpret_cast<const float4*>(reinterpret_cast<const float*>(Av) + (i64)(m0 + r) * lda + k0);
+#pragma unroll
+                for (int c = 0; c < 8; ++c) f[c] = src[c];
+            }
+            if (norm && norm_w) {                  // x * norm_w; the row's scale comes at the end
+                const float4* wv = reinterpret_cast<const float4*>(norm_w + k0);
+#pragma unroll
+                for (int c = 0; c < 8; ++c) {
+                    const float4 wq = wv[c];
+                    f[c].x *= wq.x; f[c].y *= wq.y; f[c].z *= wq.z; f[c].w *= wq.w;
+                }
+            }
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
                 h[c].x = h2u(__floats2half2_rn(f[2 * c].x, f[2 * c].y));
@@ -702,10 +770,40 @@ __device__ __forceinline__ void marlin_dec_main(
         if (OFS) sS[r * ngc + gg] = slo + shi;
     };
     if (threadIdx.x == 0) *reinterpret_cast<uint4*>(sZero) = make_uint4(0, 0, 0, 0);
-    if ((int)threadIdx.x < items) stage_a(threadIdx.x);
+    if ((int)threadIdx.x < items && PROBE != 2) stage_a(threadIdx.x);
 #pragma unroll
-    for (int i = 0; i < STAGES - 1; ++i) issue(i, i);
-    for (int it = threadIdx.x + MARLIN_THREADS; it < items; it += MARLIN_THREADS) stage_a(it);
+    for (int i = 1; i < STAGES - 1; ++i) issue(i, i);
+    for (int it = threadIdx.x + MARLIN_THREADS; it < items && PROBE != 2; it += MARLIN_THREADS) stage_a(it);
+    if (norm) {                                    // sum(x^2) over each whole row: every thread a strided share,
+        float* red = sNorm;                        // reduced per warp, then (at the end) over the 8 warps
+        for (int r = 0; r < rows; ++r) {
+            float q = 0.0f;
+            if (a_f16) {
+                const uint2* xr = reinterpret_cast<const uint2*>(reinterpret_cast<const half*>(Av) + (i64)(m0 + r) * lda);
+#pragma unroll 4
+                for (int k = threadIdx.x; k < K / 4; k += MARLIN_THREADS) {
+                    const uint2 v = xr[k];
+                    const float2 p0 = __half22float2(u2h(v.x)), p1 = __half22float2(u2h(v.y));
+                    q = fmaf(p0.x, p0.x, fmaf(p0.y, p0.y, fmaf(p1.x, p1.x, fmaf(p1.y, p1.y, q))));
+                }
+            } else {
+                const float4* xr = reinterpret_cast<const float4*>(reinterpret_cast<const float*>(Av) + (i64)(m0 + r) * lda);
+#pragma unroll 4
+                for (int k = threadIdx.x; k < K / 4; k += MARLIN_THREADS) {
+                    const float4 v = xr[k];
+                    q = fmaf(v.x, v.x, fmaf(v.y, v.y, fmaf(v.z, v.z, fmaf(v.w, v.w, q))));
+                }
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
+            if (lane == 0) red[r * 8 + warp] = q;
+        }
+    }
+    if (rope_mask) {                               // the rope's angles, one (row, pair) a thread
+        const int np = n_rot >> 1;
+        for (int e = threadIdx.x; e < rows * np; e += MARLIN_THREADS)
+            sRope[e] = rope_cs(pos[m0 + e / np], e % np, theta_scale, freq_scale);
+    }
     __syncthreads();
     if (!active && !cluster && kws == 1) return;   // (else every thread reaches the barriers below)
 
@@ -750,6 +848,10 @@ __device__ __forceinline__ void marlin_dec_main(
         for (int q = 0; q < GPS; ++q) {
             const int gi = i * GPS + q;
             if (GPS > 1 && gi >= ng) break;
+            if (PROBE == 1) {
+                acc[0][0][0][0] += __uint_as_float(*reinterpret_cast<const u32*>(stage + q * WST1 + lane * 16) & 1u);
+                continue;
+            }
             u32 bf[T][4];
             float cv[T][2], sv2[T][2];
 #pragma unroll
@@ -757,7 +859,7 @@ __device__ __forceinline__ void marlin_dec_main(
                 ldmatrix_x4(bf[tt], b_addr[tt] + (u32)(gi * 32) * b_mul[tt]);
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
-                    cv[tt][h] = cok[tt][h] ? sC[crow[tt][h] + gi] : 0.0f;
+                    cv[tt][h] = cok[tt][h] ? -sC[crow[tt][h] + gi] : 0.0f;
                     sv2[tt][h] = (OFS && cok[tt][h]) ? sS[crow[tt][h] + gi] : 0.0f;
                 }
             }
@@ -780,12 +882,12 @@ __device__ __forceinline__ void marlin_dec_main(
                     const float m0v = OFS ? sc.m(2 * jj) : 0.0f, m1v = OFS ? sc.m(2 * jj + 1) : 0.0f;
 #pragma unroll
                     for (int tt = 0; tt < T; ++tt) {
-                        float R[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                        mma_16816(R, f0, bf[tt][0], bf[tt][1]);
+                        float R[4];                // R = (this group's products) - C, C entering as the mma's addend
+                        mma_16816_c(R, f0, bf[tt][0], bf[tt][1], cv[tt][0], cv[tt][1]);
                         mma_16816(R, f1, bf[tt][2], bf[tt][3]);
 #pragma unroll
                         for (int r = 0; r < 4; ++r) {
-                            float v = fmaf(r < 2 ? s0 : s1, R[r] - cv[tt][r & 1], acc[w][tt][jj][r]);
+                            float v = fmaf(r < 2 ? s0 : s1, R[r], acc[w][tt][jj][r]);
                             if (OFS) v = fmaf(r < 2 ? m0v : m1v, sv2[tt][r & 1], v);
                             acc[w][tt][jj][r] = v;
                         }
@@ -795,8 +897,29 @@ __device__ __forceinline__ void marlin_dec_main(
         }
     }
     cp_wait<0>();
-    const MarlinJob job{o0, o1, o2, N0, N1, N2, t1, t2, t3, M, m0, rows, slabs, kws, cluster, mode, y, resid, part, tickets};
-    marlin_finish<NWT, GLU>(job, [&](auto&& f) {
+    const MarlinJob job{o0, o1, o2, N0, N1, N2, t1, t2, t3, M, m0, rows, slabs, kws, cluster, mode, y, resid, part,
+                        tickets, sRope, rope_mask, hd, n_rot};
+    if (norm) {                                    // the rms_norm's 1 / sqrt(mean(x^2) + eps) of each row
+#pragma unroll
+        for (int tt = 0; tt < T; ++tt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int rr = tt * 8 + 2 * (lane & 3) + h;
+                float q = 0.0f;
+                if (rr < rows)
+#pragma unroll
+                    for (int w = 0; w < 8; ++w) q += sNorm[rr * 8 + w];
+                const float sc = rr < rows ? 1.0f / sqrtf(q / (float)K + eps) : 0.0f;
+#pragma unroll
+                for (int w = 0; w < NWT; ++w)
+#pragma unroll
+                    for (int jj = 0; jj < 4; ++jj) {
+                        acc[w][tt][jj][h] *= sc;
+                        acc[w][tt][jj][2 + h] *= sc;
+                    }
+            }
+    }
+    marlin_finish<NWT, GLU, 4>(job, [&](auto&& f) {
 #pragma unroll
         for (int tt = 0; tt < T; ++tt)
 #pragma unroll
@@ -811,8 +934,10 @@ __device__ __forceinline__ void marlin_dec_main(
 #define MARLIN_ARGS                                                                                   \
     const u8 *w0, const u8 *w1, const u8 *w2, float *o0, float *o1, float *o2, int N0, int N1, int N2, \
         int t1, int t2, int t3, const void *A, int a_f16, int M, int K, int lda, const float *resid,      \
-        int mode, int slabs, int kws, int cluster, float *part, u32 *tickets
-#define MARLIN_PASS w0, w1, w2, o0, o1, o2, N0, N1, N2, t1, t2, t3, A, a_f16, M, K, lda, resid, mode, slabs, kws, cluster, part, tickets
+        int mode, int slabs, int kws, int cluster, float *part, u32 *tickets, const int *pos, int rope_mask, \
+        int hd, int n_rot, float theta_scale, float freq_scale, const float *norm_w, float eps, int norm
+#define MARLIN_PASS w0, w1, w2, o0, o1, o2, N0, N1, N2, t1, t2, t3, A, a_f16, M, K, lda, resid, mode, slabs, kws, \
+        cluster, part, tickets, pos, rope_mask, hd, n_rot, theta_scale, freq_scale, norm_w, eps, norm
 
 // marlin_<type>_m<MT>[_glu]: 16*MT rows of A per tile; marlin_<type>_m1_s<STAGES>g<GPS>: pipeline
 // variants of the decode kernel for benchmarks/bench_marlin.py --sweep
@@ -839,8 +964,8 @@ __device__ __forceinline__ void marlin_dec_main(
     MARLIN_KERNEL(marlin_##QN##_m2_glu, QT, 2, true, 4, 1, 1)              \
     MARLIN_KERNEL(marlin_##QN##_m4, QT, 4, false, 4, 1, 1)
 
-MARLIN_TYPE(0, q4_0, 3, 2)
-MARLIN_TYPE(1, q4_1, 3, 2)
+MARLIN_TYPE(0, q4_0, 2, 1)
+MARLIN_TYPE(1, q4_1, 2, 1)
 MARLIN_TYPE(2, q4_k, 2, 1)
 MARLIN_KERNEL(marlin_q4_0_m1_s4g1, 0, 1, false, 4, 1, 3)
 MARLIN_KERNEL(marlin_q4_0_m1_s6g1, 0, 1, false, 6, 1, 3)
@@ -849,9 +974,15 @@ MARLIN_KERNEL(marlin_q4_0_m1_s3g2, 0, 1, false, 3, 2, 3)
 MARLIN_KERNEL(marlin_q4_0_m1_s4g4, 0, 1, false, 4, 4, 2)
 MARLIN_KERNEL(marlin_q4_0_m2_s4g2, 0, 2, false, 4, 2, 2)
 MARLIN_KERNEL(marlin_q4_0_m4_s3g2, 0, 4, false, 3, 2, 1)
-MARLIN_DEC_KERNEL(marlin_q4_0_d1_s3g2, 0, 1, false, 3, 2, 3)
-MARLIN_DEC_KERNEL(marlin_q4_0_d1_s6g1, 0, 1, false, 6, 1, 3)
-MARLIN_DEC_KERNEL(marlin_q4_0_d1_s3g4, 0, 1, false, 3, 4, 3)
+MARLIN_DEC_KERNEL(marlin_q4_0_d1_s3g2, 0, 1, false, 3, 2, 2)
+MARLIN_DEC_KERNEL(marlin_q4_0_d1_s6g1, 0, 1, false, 6, 1, 2)
+MARLIN_DEC_KERNEL(marlin_q4_0_d1_s3g4, 0, 1, false, 3, 4, 2)
+extern "C" __global__ void __launch_bounds__(MARLIN_THREADS, 2) marlin_q4_0_d1_probe1(MARLIN_ARGS) {
+    marlin_dec_main<0, 1, false, 4, 2, 1>(MARLIN_PASS);
+}
+extern "C" __global__ void __launch_bounds__(MARLIN_THREADS, 2) marlin_q4_0_d1_probe2(MARLIN_ARGS) {
+    marlin_dec_main<0, 1, false, 4, 2, 2>(MARLIN_PASS);
+}
 
 // -- repacking GGUF blocks into the layout (at load), and reading it back ------------------------
 

@@ -133,6 +133,10 @@ def sm_count() -> int:
         return 132
 
 
+def _env_on(name: str, default: str = "1") -> bool:
+    return os.environ.get(name, default).strip().lower() not in ("0", "false", "no", "off")
+
+
 def dec_enabled() -> bool:
     """GGFLAT_MARLIN_DEC=0 sends M <= 16 to the mma-B kernels (m1) instead of the decode kernels."""
     return os.environ.get("GGFLAT_MARLIN_DEC", "1").strip().lower() not in ("0", "false", "no", "off")
@@ -156,8 +160,10 @@ _VARIANTS = {"m1": (16, False, 4, 2, False), "m1_glu": (16, True, 4, 1, False), 
              "m1_s8g1": (16, False, 8, 1, False), "m1_s3g2": (16, False, 3, 2, False),
              "m1_s4g4": (16, False, 4, 4, False), "m2_s4g2": (32, False, 4, 2, False),
              "m4_s3g2": (64, False, 3, 2, False),
-             "d1_s3g2": (8, False, 3, 2, True), "d1_s6g1": (8, False, 6, 1, True), "d1_s3g4": (8, False, 3, 4, True)}
+             "d1_s3g2": (8, False, 3, 2, True), "d1_s6g1": (8, False, 6, 1, True), "d1_s3g4": (8, False, 3, 4, True),
+             "d1_probe1": (8, False, 4, 2, True), "d1_probe2": (8, False, 4, 2, True)}
 SWEEP_VARIANTS = tuple(k for k in _VARIANTS if "_s" in k)
+PROBE_VARIANTS = ("d1_probe1", "d1_probe2")    # Q4_0, benchmarks only: arithmetic / A window left out
 CONFIGS = ("d1", "d2", "m1", "m2", "m4")          # the default variants (every type)
 MTS = (1, 2, 4)
 _RED_COST = 0.15                       # cost of one partial row of one slab, in groups (fitted)
@@ -166,6 +172,7 @@ _RED_CTA = 0.3                         # per k-warp of a reduction inside a CTA
 
 
 MAX_CLUSTER = 16                       # slabs reduced through a thread-block cluster (H100: 16, non-portable)
+CLUSTER_SIZES = (2, 4, 8, 16)          # (10 CTAs measured 2x slower than 8: 64x4096x4096 52.7 vs 27.6 us)
 CLUSTER_MIN_ROWS = 8                   # clusters only for tiles of more rows than this
 
 
@@ -182,7 +189,7 @@ def _smem_bytes(variant: str, rows: int, kw: int, cluster: bool = False, kws: in
     if dec:
         ngc = kw // 32
         ring = (8 * stages * gps * (1024 + _DEC_SCALE_BYTES[ggml_type]) * nwt + rows * (kw + 8) * 2
-                + rows * ngc * 4 * (1 if ggml_type == 2 else 2) + 32)
+                + rows * ngc * 4 * (1 if ggml_type == 2 else 2) + 512 + 32)
     else:
         ring = 8 * stages * gps * WSTAGE * nwt + rows * (kw + 8) * 2 + 16
     return max(ring, nwt * 8 * rows * 64 * 4) if (cluster or kws > 1) else ring
@@ -231,6 +238,53 @@ def choose_split(tiles: int, m_tiles: int, groups: int, rows: int, variant: str,
     return best or (1, groups)
 
 
+def choose_split_dec(tiles: int, m_tiles: int, groups: int, rows: int, variant: str, regs: int,
+                     sms: int, ggml_type: int = 2) -> tuple[int, int]:
+    """(kws, slabs) for the decode kernels (d1/d2), by rule, from the sweeps of
+    benchmarks/bench_marlin.py --sweep on the H100 (2026-11-24, Q4_0, M = 1 and 16):
+
+    - A k-split across CTAs costs 1-1.5 us (partials, a ticket, the last CTA's reload) and more
+      than one CTA per SM buys little, so: one wave of at most one CTA per SM, and no split when
+      the tiles can fill the GPU -- for 1..8 rows the fewest warps per tile (kws) that give
+      >= 3/4 of the SMs a CTA (4096 x 14336: k4s1 15.3 us against 18.3 for the old choice k1s9).
+    - Otherwise (N = 4096: 64 tiles) 8 warps a tile and the fewest slabs (a power of two) that
+      give >= 3/4 of the SMs a CTA and leave each warp at most 16 groups (14336 x 4096: k8s4 17.0
+      us; 4096 x 4096: k8s2 -- k8s1's 64 CTAs measured 8.1 us alone but 15.8 in the decode graph).
+    - Gate/up pairs keep choose_split's cost model (MarlinPlan), which measured better in the graph.
+    - 9..16 rows: the A window costs each CTA rows x K x 4 bytes of reads, so every CTA serves 8
+      tiles (kws = 1) and the slabs (<= 8) fill the SMs (4096 x 4096: k1s8 13.3 us)."""
+    def fits(kws: int, s: int) -> bool:
+        kw = -(-groups // s) * 32
+        return s * kws <= groups and _smem_bytes(variant, rows, kw, _use_cluster(s, rows, kws), kws,
+                                                 ggml_type) <= SMEM_LIMIT
+    nwt = 2 if _VARIANTS[variant][1] else 1
+    if rows <= 8:
+        for kws in (1, 2, 4, 8):
+            if -(-tiles * kws // 8) * m_tiles >= 0.75 * sms and fits(kws, 1):
+                # a gate/up pair streams two weights a warp: more warps a tile while each still streams
+                # more than 32 groups and the CTAs stay one wave of two a SM (in the 8B decode graph:
+                # 4096 x 14336 pair k4s1 331 t/s, k1s9 347)
+                while (kws < 8 and -(-groups // kws) * nwt > 32 and -(-tiles * 2 * kws // 8) * m_tiles <= 2 * sms
+                       and fits(2 * kws, 1)):
+                    kws *= 2
+                return kws, 1
+        s = 1                                      # (o in the 8B decode graph: k8s1's 64 CTAs 15.8 us, k8s2)
+        while s < 16 and (-(-groups // (8 * s)) > 16 or tiles * s * m_tiles < 0.75 * sms) \
+                and 8 * s * 2 <= groups:
+            s *= 2
+        while s > 1 and not fits(8, s):
+            s //= 2
+        if fits(8, s):
+            return 8, s
+    per = -(-tiles // 8) * m_tiles
+    s = 1
+    while s < 8 and per * s * 2 <= sms and s * 2 <= groups:
+        s *= 2
+    while s < groups and not fits(1, s):           # a long K: more slabs until the window fits
+        s += 1
+    return 1, s
+
+
 def choose_slabs(tiles: int, m_tiles: int, groups: int, rows: int, variant: str, regs: int, sms: int,
                  ggml_type: int = 2) -> int:
     """The slabs of choose_split with one warp per tile (kws = 1)."""
@@ -254,7 +308,8 @@ def choose_slabs(tiles: int, m_tiles: int, groups: int, rows: int, variant: str,
 def _use_cluster(slabs: int, rows: int, kws: int) -> bool:
     """Slabs reduced in a cluster's shared memory: a win from 16 rows up (H100: 4096x14336 M=16
     30.3 -> 24.6 us); a loss for 1-4 rows, where the co-scheduling costs more than the tickets."""
-    return 1 < slabs <= MAX_CLUSTER and rows > CLUSTER_MIN_ROWS and kws == 1 and cluster_enabled()
+    return (slabs in CLUSTER_SIZES and slabs <= MAX_CLUSTER and rows > CLUSTER_MIN_ROWS and kws == 1
+            and cluster_enabled())
 
 
 class MarlinPlan:
@@ -264,7 +319,8 @@ class MarlinPlan:
     name suffix of _VARIANTS (benchmarks)."""
 
     def __init__(self, ws, M: int, *, a_dtype: str = "f32", glu: str | None = None, residual: bool = False,
-                 slabs: int | None = None, config: int | str | None = None, kws: int | None = None) -> None:
+                 slabs: int | None = None, config: int | str | None = None, kws: int | None = None,
+                 norm: float | None = None, rope: dict | None = None) -> None:
         import cupy
         ws = tuple(ws)
         if not 1 <= len(ws) <= 3 or not all(isinstance(w, MarlinWeight) for w in ws):
@@ -280,6 +336,8 @@ class MarlinPlan:
             raise ValueError("plan_gemm: a residual add takes one weight")
         if a_dtype not in ("f32", "f16"):
             raise ValueError(f"plan_gemm: a_dtype must be 'f32' or 'f16', got {a_dtype!r}")
+        if K % 4 and norm is not None:
+            raise ValueError("plan_gemm: the folded rms_norm needs K % 4 == 0")
         self.ws, self.M, self.K, self.type = ws, int(M), K, t
         self.a_dtype, self.glu, self.residual = a_dtype, glu, bool(residual)
         self.mode = 3 if residual else _MODES[glu]
@@ -295,6 +353,21 @@ class MarlinPlan:
             if variant not in _VARIANTS:
                 raise ValueError(f"no Marlin kernel for config {config!r}{', glu' if glu else ''}")
         tile_rows, _, _, _, self.dec = _VARIANTS[variant]
+        if (norm is not None or rope is not None) and not self.dec:
+            raise ValueError("plan_gemm: the rms_norm and rope folds exist in the decode kernels (M <= 16) only")
+        self.norm = None if norm is None else float(norm)
+        self.rope_mask, self.rope_args = 0, (0, 0, np.float32(0), np.float32(0))
+        if rope is not None:
+            from .elementwise_ops import rope_theta_scale
+            d, n_rot = int(rope["head_dim"]), int(rope["n_rot"])
+            members = tuple(int(g) for g in rope["members"])
+            if glu is not None or residual or not members or any(not 0 <= g < len(ws) for g in members):
+                raise ValueError("plan_gemm: rope needs members among the (q/k/v) weights")
+            if d <= 0 or d % 2 or n_rot % 2 or not 0 < n_rot <= d or any(ws[g].rows % d for g in members):
+                raise ValueError("plan_gemm: rope needs an even head_dim dividing the rotated outputs")
+            for g in members:
+                self.rope_mask |= 1 << g
+            self.rope_args = (d, n_rot, rope_theta_scale(float(rope["base"]), n_rot), np.float32(rope["freq_scale"]))
         self.MT = max(1, tile_rows // 16)
         self.tile_rows, self.variant = tile_rows, variant
         self.kernel_name = f"marlin_{_NAMES[t]}_{variant}"
@@ -308,7 +381,16 @@ class MarlinPlan:
             self.kws = int(kws or 1)
             self.slabs = int(slabs) if slabs else choose_slabs(T, self.m_tiles, G, rows, variant, regs, sm_count(), t)
         else:
-            self.kws, self.slabs = choose_split(T, self.m_tiles, G, rows, variant, regs, sm_count(), t)
+            # gate/up pairs keep the cost model's split: in the 8B decode graph it measured as the
+            # rule's (auto policy 346 t/s both) or better (every weight repacked: 338 against 309)
+            choose = choose_split_dec if self.dec and glu is None else choose_split
+            self.kws, self.slabs = choose(T, self.m_tiles, G, rows, variant, regs, sm_count(), t)
+        rope_bytes = rows * (self.rope_args[1] // 2) * 8 if self.rope_mask else 0
+        if self.rope_mask and self.slabs > 1:
+            self.slabs = 1                           # the rope epilogue runs on the store path (whole k range)
+        while (self.rope_mask and self.kws < 8 and rows <= 16
+               and _smem_bytes(variant, rows, G * 32, False, self.kws, t) + rope_bytes > SMEM_LIMIT):
+            self.kws *= 2
         if self.kws not in (1, 2, 4, 8) or (self.kws > 1 and rows > 16):
             raise ValueError(f"Marlin: kws must be 1, 2, 4 or 8 (1 above 16 rows), got {self.kws}")
         if not 1 <= self.slabs <= G or self.slabs * self.kws > G:
@@ -316,7 +398,7 @@ class MarlinPlan:
         kw = -(-G // self.slabs) * 32
         # slabs reduced in a cluster's shared memory (no partials in global memory, no tickets)
         self.cluster = _use_cluster(self.slabs, rows, self.kws)
-        self.smem = _smem_bytes(variant, rows, kw, self.cluster, self.kws, t)
+        self.smem = _smem_bytes(variant, rows, kw, self.cluster, self.kws, t) + rope_bytes
         if self.smem > SMEM_LIMIT:
             raise ValueError(f"Marlin: {self.smem} bytes of shared memory needed; use more slabs")
         self.grid = (-(-T // (8 // self.kws)), self.slabs, self.m_tiles)
@@ -329,10 +411,12 @@ class MarlinPlan:
     def weight_bytes(self) -> int:
         return sum(w.nbytes for w in self.ws)
 
-    def __call__(self, a, outs, stream=None, resid=None) -> None:
-        self.bind(a, outs, stream, resid)()
+    def __call__(self, a, outs, stream=None, resid=None, pos=None, norm_w=None) -> None:
+        self.bind(a, outs, stream, resid, pos, norm_w)()
 
-    def bind(self, a, outs, stream=None, resid=None) -> Callable[[], None]:
+    def bind(self, a, outs, stream=None, resid=None, pos=None, norm_w=None) -> Callable[[], None]:
+        """A zero-argument launch. pos: (M,) int32 positions when the plan ropes; norm_w: (K,) f32 or
+        None when it folds an rms_norm (of a's rows, with norm_w's weights) in."""
         import cupy
         M, K = self.M, self.K
         want = np.float16 if self.a_dtype == "f16" else np.float32
@@ -353,6 +437,11 @@ class MarlinPlan:
             if resid is None or resid.dtype != np.float32 or tuple(resid.shape) != (M, self.ws[0].rows) \
                     or not resid.flags.c_contiguous:
                 raise ValueError("Marlin: resid must be a contiguous float32 array of out's shape")
+        if self.rope_mask and (pos is None or pos.dtype != np.int32 or pos.size < M or not pos.flags.c_contiguous):
+            raise ValueError(f"Marlin: pos must be a contiguous int32 array of at least {M} positions")
+        if self.norm is not None and norm_w is not None and (
+                norm_w.dtype != np.float32 or norm_w.size != K or not norm_w.flags.c_contiguous or norm_w.data.ptr % 16):
+            raise ValueError(f"Marlin: norm_w must be a contiguous 16-byte aligned float32 array of {K} values")
         cs = stream if stream is not None else cupy.cuda.get_current_stream()
         ws = list(self.ws) + [None] * (3 - len(self.ws))
         os_ = outs + [None] * (3 - len(outs))
@@ -362,7 +451,11 @@ class MarlinPlan:
                 os_[0], os_[1], os_[2], np.int32(Ns[0]), np.int32(Ns[1]), np.int32(Ns[2]),
                 np.int32(t1), np.int32(t2), np.int32(t3), a, np.int32(1 if self.a_dtype == "f16" else 0),
                 np.int32(M), np.int32(K), np.int32(lda), resid if self.residual else None, np.int32(self.mode),
-                np.int32(self.slabs), np.int32(self.kws), np.int32(1 if self.cluster else 0), self.part, self.tickets)
+                np.int32(self.slabs), np.int32(self.kws), np.int32(1 if self.cluster else 0), self.part, self.tickets,
+                pos if self.rope_mask else None, np.int32(self.rope_mask), np.int32(self.rope_args[0]),
+                np.int32(self.rope_args[1]), np.float32(self.rope_args[2]), np.float32(self.rope_args[3]),
+                norm_w if self.norm is not None else None, np.float32(self.norm or 0.0),
+                np.int32(0 if self.norm is None else 1))
         kern, grid, smem = self._kern, self.grid, self.smem
         if hasattr(kern, "ptr"):            # a driver function: launch with PDL (launch.py)
             from .launch import launcher
@@ -377,8 +470,11 @@ def plan_gemm(ws, M: int, **kw) -> MarlinPlan:
     """A MarlinPlan (cached on the first weight for the default choices)."""
     ws = tuple(ws) if isinstance(ws, (list, tuple)) else (ws,)
     if kw.get("slabs") is None and kw.get("config") is None and kw.get("kws") is None:
+        rope = kw.get("rope")
+        rkey = None if rope is None else tuple(sorted((k, tuple(v) if isinstance(v, (list, tuple)) else v)
+                                                       for k, v in rope.items()))
         key = ("gemm", tuple(id(w) for w in ws), int(M), kw.get("a_dtype", "f32"), kw.get("glu"),
-               bool(kw.get("residual", False)))
+               bool(kw.get("residual", False)), kw.get("norm"), rkey)
         p = ws[0]._plans.get(key)
         if p is None:
             p = ws[0]._plans[key] = MarlinPlan(ws, M, **kw)
@@ -431,23 +527,21 @@ def enabled() -> str:
     return v
 
 
-# Which weights the default ("auto") repacks, from the decode (n = 1) measurements of
-# benchmarks/bench_marlin.py --layer on the H100 (Llama-3-8B Q4_0 layer, us per launch, Marlin vs
-# the GGUF GEMV kernels): gate/up + swiglu 31.3 vs 38.8 and the lm head (128256 x 4096) 108.8 vs
-# ~180 -- many 64-column tiles, no k-split needed -- but q/k/v 13.8 vs 11.1, o 13.5 vs 8.7 and
-# down 23.7 vs 21.6, where 4096 outputs leave only 64 tiles and the k-split's reduction costs more
-# than the layout saves. So: at least MIN_ROWS outputs. Smaller weights (SmolLM2/Gemma-3 sizes)
-# keep the fused GEMVs (norm, rope and glu folded in). GGFLAT_MARLIN=all repacks every 4-bit
-# weight (batched decode and speculative verification, M = 4..64, gain everywhere but 4096 x 4096).
+# Which weights the default ("auto") repacks: every 4-bit weight of at least MIN_BYTES. Measured
+# on the H100 with the synthetic Llama-3-8B Q4_0 (`ggflat bench -p 0 -n 128`, 2026-11-24, session
+# 3): with every such weight repacked -- q/k/v with the attention norm and the ropes folded into
+# the decode kernel, o and down with the residual add, gate/up with the ffn norm and swiglu --
+# tg128 361-365 t/s, against 345 when only the >= 8192-row weights (gate/up, lm head) were
+# repacked and 285 with none. Smaller weights (SmolLM2/Gemma-3 sizes, < 2 MB) keep the fused
+# GEMVs, whose launches are tuned for them. GGFLAT_MARLIN=all repacks every eligible weight.
 MIN_BYTES = 2 << 20
-MIN_ROWS = 8192
 
 
 def should_repack(ggml_type: int, shape: tuple[int, ...], nbytes: int) -> bool:
     mode = enabled()
     if mode == "off" or not eligible(ggml_type, tuple(shape)):
         return False
-    return mode == "all" or (nbytes >= MIN_BYTES and int(shape[0]) >= MIN_ROWS)
+    return mode == "all" or nbytes >= MIN_BYTES
 
 
 __all__ = ["MarlinWeight", "MarlinPlan", "eligible", "repack", "plan_gemm", "plan_get_rows", "plan_dequant16",

@@ -618,11 +618,12 @@ class MarlinMulMatPlan:
 class _MarlinGroup:
     """plan_mul_mat_group's answer for MarlinWeights (q/k/v, gate/up + glu, one + residual)."""
 
-    def __init__(self, ws, n: int, glu: str | None, residual: bool) -> None:
+    def __init__(self, ws, n: int, glu: str | None, residual: bool, norm: float | None = None,
+                 rope: dict | None = None) -> None:
         self.ws, self.n, self.glu, self.residual = ws, n, glu, residual
-        self.gemm = marlin.plan_gemm(ws, n, glu=glu, residual=residual)
-        self.norm = None
-        self.rope_mask = 0
+        self.gemm = marlin.plan_gemm(ws, n, glu=glu, residual=residual, norm=norm, rope=rope)
+        self.norm = norm
+        self.rope_mask = self.gemm.rope_mask
 
     @property
     def n_outputs(self) -> int:
@@ -631,13 +632,12 @@ class _MarlinGroup:
     def bind(self, x, outs, stream=None, pos=None, norm_w=None, resid=None) -> Callable[[], None]:
         n, K = self.n, self.ws[0].cols
         _check_act(x, (n, K), "x", 16)
-        return self.gemm.bind(x, list(outs), stream, resid=resid)
+        return self.gemm.bind(x, list(outs), stream, resid=resid, pos=pos, norm_w=norm_w)
 
 
 def _marlin_group(ws, n: int, glu, rope, norm, residual):
-    """A grouped Marlin launch, or None (rope/norm epilogues are GEMV-only; mixed layouts)."""
-    if rope is not None or norm is not None:
-        return None
+    """A grouped Marlin launch, or None (mixed layouts; a rope or norm fold the decode kernels
+    cannot do: M > 16, K % 128)."""
     if not all(isinstance(w, marlin.MarlinWeight) for w in ws):
         return None
     t, K = ws[0].ggml_type, ws[0].cols
@@ -645,7 +645,14 @@ def _marlin_group(ws, n: int, glu, rope, norm, residual):
         return None
     if glu is not None and (glu not in _GLU_MODES or len(ws) != 2 or ws[0].shape != ws[1].shape):
         return None
-    return _MarlinGroup(ws, n, glu, bool(residual))
+    if norm is not None and not marlin._env_on("GGFLAT_MARLIN_NORM"):
+        return None
+    try:
+        return _MarlinGroup(ws, n, glu, bool(residual), norm, rope)
+    except ValueError:
+        if rope is None and norm is None:
+            raise
+        return None
 
 
 class _Cublas:
