@@ -31,10 +31,12 @@ part2)
   python3 -m cli.main bench -m $SMOL --backend cupy -p 512 -n 128 -r 5 | tee $OUT/bench_smol.md
   python3 -m cli.main bench -m /tmp/llama8b-q4_0.gguf --backend cupy -p 512 -n 128 -r 3 | tee $OUT/bench_8b.md
   GGFLAT_MARLIN=off python3 -m cli.main bench -m /tmp/llama8b-q4_0.gguf --backend cupy -p 0 -n 128 -r 3 | tee $OUT/bench_8b_gguf.md
+  GGFLAT_MARLIN_DEC=0 python3 -m cli.main bench -m /tmp/llama8b-q4_0.gguf --backend cupy -p 0 -n 128 -r 3 | tee $OUT/bench_8b_nodec.md
   python3 -m cli.main bench -m /tmp/llama8b-q4_0.gguf --backend cupy -p 0 -n 128 -d 8192 -r 3 | tee $OUT/bench_8b_d8192.md
   ;;
 part3)
   timeout 330 python3 benchmarks/bench_marlin.py --types Q4_0,Q4_1,Q4_K --layer --json $OUT/marlin.json 2>&1 | tee $OUT/marlin_bench.md
-  timeout 200 python3 benchmarks/bench_cuda_sampling.py 2>&1 | tee $OUT/sampling_bench.md
+  timeout 100 python3 benchmarks/bench_marlin.py --types Q4_0 --ms 1,16,64 --layer --pdl 2>&1 | tee $OUT/marlin_pdl.md
+  timeout 60 python3 benchmarks/bench_floor.py --mb 9.4,14.2,33,66 2>&1 | tee $OUT/floor.md
   ;;
 esac
