@@ -405,6 +405,53 @@ __device__ __forceinline__ void marlin_finish(const MarlinJob& j, Each&& each, u
 // partial, takes the tile's ticket, and the warp that arrives last sums the slabs' partials,
 // applies the epilogue, stores and resets the ticket (so a captured CUDA graph can replay).
 
+// One warp's work item (both GEMM kernels): grid x = tile groups (8 / kws tiles a CTA), y = k-slab,
+// z = row tile of MR rows. kws warps share a tile, each taking 1/kws of the slab's 32-element groups
+// (reduced in shared memory); tile t runs over the concatenated tiles of the launch's weights.
+struct WarpWork {
+    int G, g0, ngc, kw, lds, m0, rows, sub, t, gw0, ng, g, nt, N;
+    bool active;
+    const u8* W;
+};
+
+__device__ __forceinline__ WarpWork warp_work(int MR, int K, int M, int slabs, int kws, int t1, int t2, int t3,
+                                              int N0, int N1, int N2, const u8* w0, const u8* w1, const u8* w2) {
+    WarpWork w;
+    const int warp = threadIdx.x >> 5, y = blockIdx.y;
+    w.G = K / 32;
+    w.g0 = (int)((i64)y * w.G / slabs);
+    w.ngc = (int)((i64)(y + 1) * w.G / slabs) - w.g0;  // groups of the CTA's slab
+    w.kw = w.ngc * 32;                                   // k of the A window
+    w.lds = w.kw + 8;                                    // its row stride (halves): rows 16 bytes apart mod 128
+    w.m0 = blockIdx.z * MR;
+    w.rows = min(M - w.m0, MR);
+    w.sub = warp % kws;
+    w.t = blockIdx.x * (8 / kws) + warp / kws;           // this warp's tile
+    w.gw0 = w.g0 + (w.sub * w.ngc) / kws;                // this warp's groups: gw0 .. gw0 + ng
+    w.ng = w.g0 + ((w.sub + 1) * w.ngc) / kws - w.gw0;
+    w.active = w.t < t3;
+    w.g = w.t < t1 ? 0 : (w.t < t2 ? 1 : 2);
+    w.nt = w.t - (w.g == 0 ? 0 : (w.g == 1 ? t1 : t2));
+    w.W = w.g == 0 ? w0 : (w.g == 1 ? w1 : w2);
+    w.N = w.g == 0 ? N0 : (w.g == 1 ? N1 : N2);
+    return w;
+}
+
+// A warp's walk through its cp.async ring: n_st stages, STAGES - 1 already issued; before stage i
+// is consumed (body(i, its ring slot)) stage i + STAGES - 1 is issued into the slot freed last.
+template <int STAGES, typename Issue, typename Body>
+__device__ __forceinline__ void ring_walk(int n_st, u8* ring, int wst, Issue&& issue, Body&& body) {
+    int slot = 0, slot_in = STAGES - 1;
+    for (int i = 0; i < n_st; ++i) {
+        cp_wait<STAGES - 2>();
+        __syncwarp();
+        issue(i + STAGES - 1, slot_in);
+        slot_in = slot_in + 1 == STAGES ? 0 : slot_in + 1;
+        body(i, ring + slot * wst);
+        slot = slot + 1 == STAGES ? 0 : slot + 1;
+    }
+}
+
 template <int QT, int MT, bool GLU, int STAGES, int GPS>
 __device__ __forceinline__ void marlin_main(
         const u8* __restrict__ w0, const u8* __restrict__ w1, const u8* __restrict__ w2,
@@ -417,25 +464,12 @@ __device__ __forceinline__ void marlin_main(
     constexpr int WST1 = MARLIN_WSTAGE * NWT;      // one group's bytes (codes + scales, both weights)
     constexpr int WST = WST1 * GPS;                // one warp's bytes of one stage (GPS groups)
     constexpr int MR = 16 * MT;                    // rows of a tile
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int G = K / 32;
-    const int y = blockIdx.y;
-    const int g0 = (int)((i64)y * G / slabs), g1 = (int)((i64)(y + 1) * G / slabs);
-    const int ngc = g1 - g0;                       // groups of the CTA's slab
-    const int kw = ngc * 32;                       // k of the A window
-    const int lds = kw + 8;                        // its row stride (halves): rows 16 bytes apart mod 128
-    const int m0 = blockIdx.z * MR;
-    const int rows = min(M - m0, MR);
-    // kws warps share a tile, each taking 1/kws of the slab's groups (reduced in shared memory)
-    const int sub = warp % kws;
-    const int t = blockIdx.x * (8 / kws) + warp / kws;   // this warp's tile
-    const int gw0 = g0 + (sub * ngc) / kws;        // this warp's groups: gw0 .. gw0 + ng
-    const int ng = g0 + ((sub + 1) * ngc) / kws - gw0;
-    const bool active = t < t3;
-    const int g = t < t1 ? 0 : (t < t2 ? 1 : 2);
-    const int nt = t - (g == 0 ? 0 : (g == 1 ? t1 : t2));
-    const u8* W = g == 0 ? w0 : (g == 1 ? w1 : w2);
-    const int N = g == 0 ? N0 : (g == 1 ? N1 : N2);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, y = blockIdx.y;
+    const WarpWork ww = warp_work(MR, K, M, slabs, kws, t1, t2, t3, N0, N1, N2, w0, w1, w2);
+    const int G = ww.G, g0 = ww.g0, ngc = ww.ngc, kw = ww.kw, lds = ww.lds, m0 = ww.m0, rows = ww.rows;
+    const int sub = ww.sub, t = ww.t, gw0 = ww.gw0, ng = ww.ng, g = ww.g, nt = ww.nt, N = ww.N;
+    const bool active = ww.active;
+    const u8* W = ww.W;
     const Layout L = layout_of<QT>(N, K);
     const Layout L1 = layout_of<QT>(N1, K);
 
@@ -524,14 +558,7 @@ __device__ __forceinline__ void marlin_main(
         a_mul[mt] = r < rows ? 2u : 0u;
     }
 
-    int slot = 0, slot_in = STAGES - 1;
-    for (int i = 0; i < (active ? n_st : 0); ++i) {
-        cp_wait<STAGES - 2>();
-        __syncwarp();
-        issue(i + STAGES - 1, slot_in);
-        slot_in = slot_in + 1 == STAGES ? 0 : slot_in + 1;
-        const u8* stage = ring + slot * WST;
-        slot = slot + 1 == STAGES ? 0 : slot + 1;
+    ring_walk<STAGES>(active ? n_st : 0, ring, WST, issue, [&](int i, const u8* stage) {
 #pragma unroll
         for (int q = 0; q < GPS; ++q) {
             const int gi = i * GPS + q;
@@ -563,7 +590,7 @@ __device__ __forceinline__ void marlin_main(
                 }
             }
         }
-    }
+    });
     cp_wait<0>();
     const MarlinJob job{o0, o1, o2, N0, N1, N2, t1, t2, t3, M, m0, rows, slabs, kws, cluster, mode, y, resid, part,
                         tickets, nullptr, 0, hd, n_rot};
@@ -638,24 +665,12 @@ __device__ __forceinline__ void marlin_dec_main(
     constexpr int WST = WST1 * GPS;                // one stage
     constexpr int MR = 8 * T;                      // rows of a tile
     constexpr bool OFS = QT != 0;                  // codes carry an offset m (Q4_1, Q4_K)
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int G = K / 32;
-    const int y = blockIdx.y;
-    const int g0 = (int)((i64)y * G / slabs), g1 = (int)((i64)(y + 1) * G / slabs);
-    const int ngc = g1 - g0;
-    const int kw = ngc * 32;
-    const int lds = kw + 8;                        // A window row stride (halves): rows 16 bytes apart mod 128
-    const int m0 = blockIdx.z * MR;
-    const int rows = min(M - m0, MR);
-    const int sub = warp % kws;
-    const int t = blockIdx.x * (8 / kws) + warp / kws;
-    const int gw0 = g0 + (sub * ngc) / kws;
-    const int ng = g0 + ((sub + 1) * ngc) / kws - gw0;
-    const bool active = t < t3;
-    const int g = t < t1 ? 0 : (t < t2 ? 1 : 2);
-    const int nt = t - (g == 0 ? 0 : (g == 1 ? t1 : t2));
-    const u8* W = g == 0 ? w0 : (g == 1 ? w1 : w2);
-    const int N = g == 0 ? N0 : (g == 1 ? N1 : N2);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, y = blockIdx.y;
+    const WarpWork ww = warp_work(MR, K, M, slabs, kws, t1, t2, t3, N0, N1, N2, w0, w1, w2);
+    const int G = ww.G, g0 = ww.g0, ngc = ww.ngc, kw = ww.kw, lds = ww.lds, m0 = ww.m0, rows = ww.rows;
+    const int sub = ww.sub, t = ww.t, gw0 = ww.gw0, ng = ww.ng, g = ww.g, nt = ww.nt, N = ww.N;
+    const bool active = ww.active;
+    const u8* W = ww.W;
     const Layout L = layout_of<QT>(N, K);          // (gate and up share a shape: one layout)
 
     extern __shared__ uint4 smem4[];
@@ -836,14 +851,7 @@ __device__ __forceinline__ void marlin_dec_main(
     }
 
     const u32 LO = 0x000f000fu, HI = 0x00f000f0u, EX = 0x64006400u;
-    int slot = 0, slot_in = STAGES - 1;
-    for (int i = 0; i < (active ? n_st : 0); ++i) {
-        cp_wait<STAGES - 2>();
-        __syncwarp();
-        issue(i + STAGES - 1, slot_in);
-        slot_in = slot_in + 1 == STAGES ? 0 : slot_in + 1;
-        const u8* stage = ring + slot * WST;
-        slot = slot + 1 == STAGES ? 0 : slot + 1;
+    ring_walk<STAGES>(active ? n_st : 0, ring, WST, issue, [&](int i, const u8* stage) {
 #pragma unroll
         for (int q = 0; q < GPS; ++q) {
             const int gi = i * GPS + q;
@@ -895,7 +903,7 @@ __device__ __forceinline__ void marlin_dec_main(
                 }
             }
         }
-    }
+    });
     cp_wait<0>();
     const MarlinJob job{o0, o1, o2, N0, N1, N2, t1, t2, t3, M, m0, rows, slabs, kws, cluster, mode, y, resid, part,
                         tickets, sRope, rope_mask, hd, n_rot};
