@@ -5,6 +5,10 @@
 //
 //   out[m, n] = sum_k A[m, k] * W[n, k]        A: (M, K) f32 or f16, W: (N, K) 4-bit, out f32
 //
+// Two kernels share the layout, the work partitioning and the epilogue: marlin_main (weights as the
+// mma's B operand, 16-64 rows of A, M > 16) and marlin_dec_main (weights as A, 8-16 rows, decode;
+// see its comment). What follows describes marlin_main.
+//
 // Kernel shape. A CTA is 8 warps = NWN warps along n (each owns one 64-column tile) x NWK = 8/NWN
 // warps along k (each takes every NWK-th 32-element group of the CTA's k range), and 16*MT rows
 // of A. The CTA walks its k range in stages of NWK groups through a STAGES-deep cp.async ring:

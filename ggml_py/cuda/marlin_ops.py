@@ -10,11 +10,16 @@ with swiglu/geglu (``glu=``) or with a residual add (``residual=True``); ``.bind
 stream, resid=None)`` returns a zero-argument launch (graph-capturable: nothing is allocated
 or synchronised at run time; partial sums and self-resetting tickets are allocated at plan time).
 
-Kernel variants ``marlin_<type>_m<MT>[_glu]``: each warp computes a (16*MT) x 64 tile over (its
-share of) one k-slab; A may be f32 (the engine's activations: the kernel converts its window to
-f16 in shared memory, so decode needs no cast launch) or f16. ``choose_split`` picks the k-split
-inside a CTA (``kws`` warps a tile) and across CTAs (``slabs``, reduced in a thread-block cluster
-or through partials and tickets). Launches go through ``launch.launcher`` (programmatic
+Kernel variants: ``marlin_<type>_d<T>[_glu]`` (M <= 16, the default there) put the weights in
+the mma's A operand, 8 T rows of A per tile, and can fold in the rms_norm of A (``norm=eps``, the
+weight given to ``bind``) and the ropes of q and k (``rope=``); ``marlin_<type>_m<MT>[_glu]``
+(M > 16) put them in B, 16 MT rows. Each warp computes a rows x 64 tile over (its share of) one
+k-slab; A may be f32 (the engine's activations: the kernel converts its window to f16 in shared
+memory, so decode needs no cast launch) or f16. ``choose_split_dec`` (decode kernels, by rule) and
+``choose_split`` (cost model) pick the k-split inside a CTA (``kws`` warps a tile) and across CTAs
+(``slabs``, reduced in a thread-block cluster or through partials and tickets).
+``GGFLAT_MARLIN_DEC=0`` sends M <= 16 to the m-kernels and ``GGFLAT_MARLIN_NORM=0`` refuses the
+norm fold (A/B measurements). Launches go through ``launch.launcher`` (programmatic
 dependent launch, cluster dimensions).
 
 ``plan_dequant16`` / ``plan_get_rows``: the repacked weight as f16 rows (the prefill GEMM's
