@@ -118,6 +118,21 @@ def test_marlin_env_values(monkeypatch):
         mo.should_repack(2, (14336, 4096), 33 << 20)
 
 
+def test_split_override(monkeypatch):
+    """GGFLAT_MARLIN_SPLIT (a measurement switch): per weight shape, M <= 16 only; a malformed
+    value is a GGFlatError naming the variable."""
+    from engine.errors import GGFlatError
+    from ggml_py.cuda import marlin_ops as mo
+    monkeypatch.setenv("GGFLAT_MARLIN_SPLIT", "14336x4096g=2x4, 4096x14336=8X2")
+    assert mo._split_override(14336, 4096, True, 1) == (2, 4)
+    assert mo._split_override(14336, 4096, False, 1) is None
+    assert mo._split_override(4096, 14336, False, 16) == (8, 2)
+    assert mo._split_override(4096, 14336, False, 17) is None
+    monkeypatch.setenv("GGFLAT_MARLIN_SPLIT", "4096x4096=eight")
+    with pytest.raises(GGFlatError, match="GGFLAT_MARLIN_SPLIT"):
+        mo._split_override(4096, 4096, False, 1)
+
+
 def test_eligibility():
     from ggml_py.cuda import marlin_ops as mo
     assert mo.eligible(2, (4096, 4096)) and mo.eligible(12, (10, 256))

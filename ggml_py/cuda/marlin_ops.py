@@ -243,6 +243,25 @@ def choose_split(tiles: int, m_tiles: int, groups: int, rows: int, variant: str,
     return best or (1, groups)
 
 
+def _split_override(N: int, K: int, glu: bool, M: int) -> tuple[int, int] | None:
+    """GGFLAT_MARLIN_SPLIT="<N>x<K>[g]=<kws>x<slabs>,...": the split for a weight shape (g: a
+    gate/up pair) at M <= 16, instead of the chosen one -- a measurement switch for A/B runs."""
+    raw = os.environ.get("GGFLAT_MARLIN_SPLIT", "").strip()
+    if not raw or M > 16:
+        return None
+    want = f"{N}x{K}{'g' if glu else ''}"
+    for item in raw.split(","):
+        key, _, val = item.partition("=")
+        if key.strip() == want:
+            try:
+                kws, slabs = (int(v) for v in val.lower().split("x"))
+            except ValueError:
+                from engine.errors import GGFlatError
+                raise GGFlatError(f"GGFLAT_MARLIN_SPLIT: {item!r} is not <N>x<K>[g]=<kws>x<slabs>") from None
+            return kws, slabs
+    return None
+
+
 def choose_split_dec(tiles: int, m_tiles: int, groups: int, rows: int, variant: str, regs: int,
                      sms: int, ggml_type: int = 2) -> tuple[int, int]:
     """(kws, slabs) for the decode kernels (d1/d2), by rule, from the sweeps of
@@ -390,6 +409,9 @@ class MarlinPlan:
             # rule's (auto policy 346 t/s both) or better (every weight repacked: 338 against 309)
             choose = choose_split_dec if self.dec and glu is None else choose_split
             self.kws, self.slabs = choose(T, self.m_tiles, G, rows, variant, regs, sm_count(), t)
+            forced = _split_override(ws[0].rows, K, glu is not None, self.M)
+            if forced:
+                self.kws, self.slabs = forced
         rope_bytes = rows * (self.rope_args[1] // 2) * 8 if self.rope_mask else 0
         if self.rope_mask and self.slabs > 1:
             self.slabs = 1                           # the rope epilogue runs on the store path (whole k range)
