@@ -219,6 +219,19 @@ __device__ __forceinline__ void for_acc(int lane, F&& f) {
                     f(w, mt, t8, r, mt * 16 + (lane >> 2) + (r >= 2 ? 8 : 0), t8 * 8 + 2 * (lane & 3) + (r & 1));
 }
 
+// The same for the decode kernel's acc[w][tt][jj][r] (out^T's C fragment: weight columns are the
+// fragment's rows, rows of A its columns): f(tt, jj, r, row, col) for one weight's elements.
+template <int T, typename F>
+__device__ __forceinline__ void for_dec_acc(int lane, F&& f) {
+#pragma unroll
+    for (int tt = 0; tt < T; ++tt)
+#pragma unroll
+        for (int jj = 0; jj < 4; ++jj)
+#pragma unroll
+            for (int r = 0; r < 4; ++r)
+                f(tt, jj, r, tt * 8 + 2 * (lane & 3) + (r & 1), 16 * jj + (lane >> 2) + 8 * (r >> 1));
+}
+
 // -- the end of a warp's work item, shared by both GEMM kernels ---------------------------------
 // `each(f)` calls f(row, col, a, b) for every accumulator element of this lane: row the tile row
 // (0 .. rows), col the tile column (0 .. 63), a the sum of weight 0 (or of the gate) and b the
@@ -829,12 +842,7 @@ __device__ __forceinline__ void marlin_dec_main(
     float acc[NWT][T][4][4];
 #pragma unroll
     for (int w = 0; w < NWT; ++w)
-#pragma unroll
-        for (int tt = 0; tt < T; ++tt)
-#pragma unroll
-            for (int jj = 0; jj < 4; ++jj)
-#pragma unroll
-                for (int r = 0; r < 4; ++r) acc[w][tt][jj][r] = 0.0f;
+        for_dec_acc<T>(lane, [&](int tt, int jj, int r, int, int) { acc[w][tt][jj][r] = 0.0f; });
 
     // ldmatrix.x4 row addresses: lanes 8i .. 8i+7 give rows 0-7 of k chunk i (of the group's 32)
     u32 b_addr[T], b_mul[T];
@@ -912,6 +920,7 @@ __device__ __forceinline__ void marlin_dec_main(
     const MarlinJob job{o0, o1, o2, N0, N1, N2, t1, t2, t3, M, m0, rows, slabs, kws, cluster, mode, y, resid, part,
                         tickets, sRope, rope_mask, hd, n_rot};
     if (norm) {                                    // the rms_norm's 1 / sqrt(mean(x^2) + eps) of each row
+        float sc[T][2];
 #pragma unroll
         for (int tt = 0; tt < T; ++tt)
 #pragma unroll
@@ -921,25 +930,16 @@ __device__ __forceinline__ void marlin_dec_main(
                 if (rr < rows)
 #pragma unroll
                     for (int w = 0; w < 8; ++w) q += sNorm[rr * 8 + w];
-                const float sc = rr < rows ? 1.0f / sqrtf(q / (float)K + eps) : 0.0f;
-#pragma unroll
-                for (int w = 0; w < NWT; ++w)
-#pragma unroll
-                    for (int jj = 0; jj < 4; ++jj) {
-                        acc[w][tt][jj][h] *= sc;
-                        acc[w][tt][jj][2 + h] *= sc;
-                    }
+                sc[tt][h] = rr < rows ? 1.0f / sqrtf(q / (float)K + eps) : 0.0f;
             }
+#pragma unroll
+        for (int w = 0; w < NWT; ++w)
+            for_dec_acc<T>(lane, [&](int tt, int jj, int r, int, int) { acc[w][tt][jj][r] *= sc[tt][r & 1]; });
     }
     marlin_finish<NWT, GLU, 4>(job, [&](auto&& f) {
-#pragma unroll
-        for (int tt = 0; tt < T; ++tt)
-#pragma unroll
-            for (int jj = 0; jj < 4; ++jj)
-#pragma unroll
-                for (int r = 0; r < 4; ++r)
-                    f(tt * 8 + 2 * (lane & 3) + (r & 1), 16 * jj + (lane >> 2) + 8 * (r >> 1),
-                      acc[0][tt][jj][r], acc[NWT - 1][tt][jj][r]);
+        for_dec_acc<T>(lane, [&](int tt, int jj, int r, int row, int col) {
+            f(row, col, acc[0][tt][jj][r], acc[NWT - 1][tt][jj][r]);
+        });
     }, smem, warp, lane, t, active, sub, g, nt, N);
 }
 
@@ -951,8 +951,8 @@ __device__ __forceinline__ void marlin_dec_main(
 #define MARLIN_PASS w0, w1, w2, o0, o1, o2, N0, N1, N2, t1, t2, t3, A, a_f16, M, K, lda, resid, mode, slabs, kws, \
         cluster, part, tickets, pos, rope_mask, hd, n_rot, theta_scale, freq_scale, norm_w, eps, norm
 
-// marlin_<type>_m<MT>[_glu]: 16*MT rows of A per tile; marlin_<type>_m1_s<STAGES>g<GPS>: pipeline
-// variants of the decode kernel for benchmarks/bench_marlin.py --sweep
+// marlin_<type>_m<MT>[_glu]: 16*MT rows of A per tile; marlin_q4_0_{m,d}1_s<STAGES>g<GPS>: pipeline
+// variants of the m1 and d1 kernels for benchmarks/bench_marlin.py --sweep
 #define MARLIN_KERNEL(NAME, QT, MT, GLU, STAGES, GPS, MINB)                                            \
     extern "C" __global__ void __launch_bounds__(MARLIN_THREADS, MINB) NAME(MARLIN_ARGS) {           \
         marlin_main<QT, MT, GLU, STAGES, GPS>(MARLIN_PASS);                                           \

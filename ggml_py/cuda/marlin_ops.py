@@ -170,7 +170,6 @@ _VARIANTS = {"m1": (16, False, 4, 2, False), "m1_glu": (16, True, 4, 1, False), 
 SWEEP_VARIANTS = tuple(k for k in _VARIANTS if "_s" in k)
 PROBE_VARIANTS = ("d1_probe1", "d1_probe2")    # Q4_0, benchmarks only: arithmetic / A window left out
 CONFIGS = ("d1", "d2", "m1", "m2", "m4")          # the default variants (every type)
-MTS = (1, 2, 4)
 _RED_COST = 0.15                       # cost of one partial row of one slab, in groups (fitted)
 _RED_CLUSTER = 0.02                    # the same through a cluster's shared memory
 _RED_CTA = 0.3                         # per k-warp of a reduction inside a CTA
