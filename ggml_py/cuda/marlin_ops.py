@@ -139,12 +139,13 @@ def sm_count() -> int:
 
 
 def _env_on(name: str, default: str = "1") -> bool:
+    """An on/off switch of the environment: off for 0, false, no, off."""
     return os.environ.get(name, default).strip().lower() not in ("0", "false", "no", "off")
 
 
 def dec_enabled() -> bool:
     """GGFLAT_MARLIN_DEC=0 sends M <= 16 to the mma-B kernels (m1) instead of the decode kernels."""
-    return os.environ.get("GGFLAT_MARLIN_DEC", "1").strip().lower() not in ("0", "false", "no", "off")
+    return _env_on("GGFLAT_MARLIN_DEC")
 
 
 def _config(M: int) -> str:
@@ -181,7 +182,7 @@ CLUSTER_MIN_ROWS = 8                   # clusters only for tiles of more rows th
 
 
 def cluster_enabled() -> bool:
-    return os.environ.get("GGFLAT_MARLIN_CLUSTER", "1").strip().lower() not in ("0", "false", "no", "off")
+    return _env_on("GGFLAT_MARLIN_CLUSTER")
 
 
 _DEC_SCALE_BYTES = {2: 128, 3: 256, 12: 384}       # a group's scale bytes in the decode kernel's ring

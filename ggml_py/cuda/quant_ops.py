@@ -637,7 +637,7 @@ class _MarlinGroup:
 
 def _marlin_group(ws, n: int, glu, rope, norm, residual):
     """A grouped Marlin launch, or None (mixed layouts; a rope or norm fold the decode kernels
-    cannot do: M > 16, K % 128)."""
+    cannot do: M > 16, K % 4, a head size the rope cannot pair; GGFLAT_MARLIN_NORM=0)."""
     if not all(isinstance(w, marlin.MarlinWeight) for w in ws):
         return None
     t, K = ws[0].ggml_type, ws[0].cols
