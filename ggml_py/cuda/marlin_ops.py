@@ -392,8 +392,7 @@ class MarlinPlan:
             for g in members:
                 self.rope_mask |= 1 << g
             self.rope_args = (d, n_rot, rope_theta_scale(float(rope["base"]), n_rot), np.float32(rope["freq_scale"]))
-        self.MT = max(1, tile_rows // 16)
-        self.tile_rows, self.variant = tile_rows, variant
+        self.variant = variant
         self.kernel_name = f"marlin_{_NAMES[t]}_{variant}"
         self.m_tiles = -(-self.M // tile_rows)
         rows = min(self.M, tile_rows)
@@ -415,7 +414,7 @@ class MarlinPlan:
         rope_bytes = rows * (self.rope_args[1] // 2) * 8 if self.rope_mask else 0
         if self.rope_mask and self.slabs > 1:
             self.slabs = 1                           # the rope epilogue runs on the store path (whole k range)
-        while (self.rope_mask and self.kws < 8 and rows <= 16
+        while (self.rope_mask and self.kws < 8
                and _smem_bytes(variant, rows, G * 32, False, self.kws, t) + rope_bytes > SMEM_LIMIT):
             self.kws *= 2
         if self.kws not in (1, 2, 4, 8) or (self.kws > 1 and rows > 16):
