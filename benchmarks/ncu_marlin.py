@@ -23,6 +23,7 @@ def main(argv=None) -> None:
     ap.add_argument("--type", default="Q4_0")
     ap.add_argument("--a", default="f32")
     ap.add_argument("--glu", action="store_true", help="gate/up pair of (N, K) with swiglu")
+    ap.add_argument("--config", help="a kernel variant of marlin_ops._VARIANTS instead of the default")
     args = ap.parse_args(argv)
     os.environ.setdefault("GGFLAT_PDL", "0")
     import cupy as cp
@@ -37,7 +38,7 @@ def main(argv=None) -> None:
         if args.a == "f16":
             a = a.astype(cp.float16)
         out = cp.empty((M, N), cp.float32)
-        p = mo.MarlinPlan(ws, M, a_dtype=args.a, glu="swiglu" if args.glu else None)
+        p = mo.MarlinPlan(ws, M, a_dtype=args.a, glu="swiglu" if args.glu else None, config=args.config)
         call = p.bind(a, [out], cp.cuda.get_current_stream())
         for _ in range(2):
             call()

@@ -320,7 +320,6 @@ class CupyPlan(Plan):
         self.n_runs = 0
         self.n_fused = 0
         self.fusions: dict[str, int] = {}                    # kind -> launches fused (see CupyBackend.plan)
-        self.n_prefetch = 0                                  # launches that prefetch the next one's weights
         self.buffer_bytes = 0                                # arena bytes this plan needs
         self.keep: list[Any] = []                            # device/pinned buffers the steps use
 
@@ -696,11 +695,6 @@ class CupyBackend(Backend):
             if math.prod(t.shape) == 0 and t.op != "kv_store":
                 continue
             getattr(self, self._OPS[t.op])(b, t)
-
-        # decode GEMMs bring the next GEMM's weights into L2 while the launches between them run
-        qo = dev.quant_ops()
-        if hasattr(qo, "link_prefetch"):
-            plan.n_prefetch = qo.link_prefetch(plan.steps)
 
         # outputs: pinned host views, one D2H copy each
         outs = [(name, t) for name, t in graph.outputs.items()]

@@ -133,65 +133,6 @@ def test_split_override(monkeypatch):
         mo._split_override(4096, 4096, False, 1)
 
 
-def _fake_weight(mo, t, shape, ptr):
-    from types import SimpleNamespace
-    lay = mq.MarlinLayout(t, *shape)
-    return mo.MarlinWeight(t, shape, SimpleNamespace(data=SimpleNamespace(ptr=ptr)), lay.nbytes)
-
-
-def test_prefetch_budget_and_ranges(monkeypatch):
-    """GGFLAT_MARLIN_PREFETCH in MB (a malformed or negative value is a GGFlatError); the ranges
-    cover each weight whole when the budget allows, else the same leading fraction of its codes
-    and of its scales (256-byte multiples), never more than the budget."""
-    from engine.errors import GGFlatError
-    from ggml_py.cuda import marlin_ops as mo
-    monkeypatch.setenv("GGFLAT_MARLIN_PREFETCH", "12.5")
-    assert mo.prefetch_budget() == int(12.5 * (1 << 20))
-    monkeypatch.setenv("GGFLAT_MARLIN_PREFETCH", "0")
-    assert mo.prefetch_budget() == 0
-    for bad in ("-1", "lots", "nan"):
-        monkeypatch.setenv("GGFLAT_MARLIN_PREFETCH", bad)
-        with pytest.raises(GGFlatError, match="GGFLAT_MARLIN_PREFETCH"):
-            mo.prefetch_budget()
-    for t in TYPES:
-        ws = [_fake_weight(mo, t, (4096, 4096), 1 << 30), _fake_weight(mo, t, (1024, 4096), 1 << 31)]
-        total = sum(w.nbytes for w in ws)
-        assert mo.prefetch_ranges(ws, 0) == []
-        assert mo.prefetch_ranges(ws, total) == [(1 << 30, ws[0].nbytes), (1 << 31, ws[1].nbytes)]
-        budget = total // 3
-        got = mo.prefetch_ranges(ws, budget)
-        assert len(got) == 4 and sum(n for _, n in got) <= budget
-        for w, (codes, scales) in zip(ws, (got[:2], got[2:])):
-            lay = w.layout
-            base = w.data.data.ptr
-            assert codes[0] == base and scales[0] == base + lay.gs_offset
-            assert codes[1] % 256 == 0 and scales[1] % 256 == 0
-            assert abs(codes[1] / lay.qw_bytes - budget / total) < 0.01
-            assert abs(codes[1] / lay.qw_bytes - scales[1] / lay.gs_bytes) < 0.02
-
-
-def test_link_prefetch():
-    """Each decode launch (M <= 16) prefetches the next decode launch's weights; the last, and
-    launches of more rows, prefetch nothing; too many or misaligned ranges are refused."""
-    from types import SimpleNamespace
-    from ggml_py.cuda import marlin_ops as mo
-    w = [_fake_weight(mo, 2, (4096, 4096), (i + 1) << 30) for i in range(4)]
-
-    def launch(ws, M=1):
-        return mo.MarlinLaunch(SimpleNamespace(M=M, ws=tuple(ws)), (), None)
-    qkv, o, big, gu = launch(w[:3]), launch(w[3:]), launch(w[:1], M=64), launch(w[1:3])
-    steps = [qkv, (lambda: None), o, big, gu]
-    assert mo.link_prefetch(steps, 64 << 20) == 2
-    assert qkv.prefetch == [(w[3].data.data.ptr, w[3].nbytes)]
-    assert o.prefetch == [(w[1].data.data.ptr, w[1].nbytes), (w[2].data.data.ptr, w[2].nbytes)]
-    assert big.prefetch == [] and gu.prefetch == []
-    assert mo.link_prefetch(steps, 0) == 0 and qkv.prefetch == []
-    with pytest.raises(ValueError, match="prefetch"):
-        qkv.set_prefetch([(16 * i, 16) for i in range(1, 8)])
-    with pytest.raises(ValueError, match="prefetch"):
-        qkv.set_prefetch([(8, 16)])
-
-
 def test_eligibility():
     from ggml_py.cuda import marlin_ops as mo
     assert mo.eligible(2, (4096, 4096)) and mo.eligible(12, (10, 256))
@@ -415,27 +356,6 @@ def test_get_rows_and_dequant16(cp, mo, t):
         got = cp.asnumpy(w16).astype(np.float64)
         e = _nmse(got, ref[n0:n0 + rows].astype(np.float64))       # f16 arithmetic, as the GEMM
         assert e <= 1e-6, f"dequant16 {TYPES[t]} rows {n0}+{rows} seed {seed}: {e:.3g}"
-
-
-@pytest.mark.parametrize("t", TYPES, ids=TYPES.get)
-def test_gemm_with_prefetch(cp, mo, t):
-    """A launch that prefetches another weight (whole, or the leading fraction) into L2 computes
-    the same bits as one that does not, in every kernel family and with a k-split."""
-    seed = _seed()
-    rng = np.random.default_rng(seed)
-    shape = (1000, 2048)
-    mw = _marlin(cp, mo, t, _raw(rng, t, shape), shape)
-    other = _marlin(cp, mo, t, _raw(rng, t, (512, 2048)), (512, 2048))
-    for M, kw in ((1, {}), (12, {}), (1, {"slabs": 3}), (40, {})):
-        a = cp.asarray(rng.standard_normal((M, shape[1])).astype(np.float32))
-        outs = []
-        for ranges in ([], mo.prefetch_ranges([other, mw], 1 << 30), mo.prefetch_ranges([other, mw], 300000)):
-            out = cp.full((M, shape[0]), np.nan, cp.float32)
-            run = mo.plan_gemm([mw], M, **kw).bind(a, [out])
-            run.set_prefetch(ranges)
-            run()
-            outs.append(cp.asnumpy(out))
-        assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2]), f"{TYPES[t]} M={M} {kw}"
 
 
 def test_engine_mul_mat_and_graph(cp, mo, monkeypatch):

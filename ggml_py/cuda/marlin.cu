@@ -96,39 +96,6 @@ __device__ __forceinline__ void ldmatrix_x4(u32* r, u32 addr) {
 
 __device__ __forceinline__ u32 f2_to_h2(float2 v) { return h2u(__floats2half2_rn(v.x, v.y)); }
 
-// -- L2 prefetch of the next launch's weights --------------------------------------------------
-// A decode step is a chain of launches of which only the GEMMs keep DRAM busy: between them (the
-// tails of their reductions, kv_store, attention) it idles. A GEMM launch can be given up to
-// PF_RANGES byte ranges (the next GEMM's weights, marlin_ops.link_prefetch): when a CTA has
-// streamed its own weights it asks the TMA engine to bring its 1/gridDim share of each range into
-// L2 (cp.async.bulk.prefetch: no registers, no shared memory, nothing to wait for), so that those
-// bytes cross DRAM while the kernels in between run. Weights are constant: no ordering needed.
-#define PF_RANGES 6
-struct PrefetchArgs {
-    i64 addr[PF_RANGES];
-    int bytes[PF_RANGES];
-};
-
-__device__ __forceinline__ void l2_prefetch_share(const PrefetchArgs& pf) {
-    const int r = threadIdx.x;                     // one range a lane of warp 0
-    if (r >= PF_RANGES) return;
-    i64 a = 0;
-    int n = 0;
-#pragma unroll
-    for (int i = 0; i < PF_RANGES; ++i)
-        if (r == i) { a = pf.addr[i]; n = pf.bytes[i]; }
-    if (n <= 0) return;
-    const int nb = gridDim.x * gridDim.y * gridDim.z;
-    const int b = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
-    const int chunk = ((n + nb - 1) / nb + 255) & ~255;     // whole 256-byte pieces a CTA
-    const int lo = b * chunk;
-    const int hi = min(n, lo + chunk);
-    for (int o = lo; o < hi; o += 65536) {
-        const u32 len = (u32)((min(hi - o, 65536) + 15) & ~15);
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" :: "l"(a + o), "r"(len) : "memory");
-    }
-}
-
 // thread-block clusters (sm_90): a barrier over the cluster, and loads from another CTA's shared memory
 __device__ __forceinline__ void cluster_sync() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -509,7 +476,7 @@ __device__ __forceinline__ void marlin_main(
         const void* __restrict__ Av, int a_f16, int M, int K, int lda,
         const float* resid, int mode, int slabs, int kws, int cluster, float* part, u32* tickets,
         const int* pos, int rope_mask, int hd, int n_rot, float theta_scale, float freq_scale,
-        const float* norm_w, float eps, int norm, PrefetchArgs pf) {
+        const float* norm_w, float eps, int norm) {
     constexpr int NWT = GLU ? 2 : 1;               // weights a warp reads (gate and up together)
     constexpr int WST1 = MARLIN_WSTAGE * NWT;      // one group's bytes (codes + scales, both weights)
     constexpr int WST = WST1 * GPS;                // one warp's bytes of one stage (GPS groups)
@@ -642,7 +609,6 @@ __device__ __forceinline__ void marlin_main(
         }
     });
     cp_wait<0>();
-    l2_prefetch_share(pf);                         // this CTA streamed its weights: the next ones
     const MarlinJob job{o0, o1, o2, N0, N1, N2, t1, t2, t3, M, m0, rows, slabs, kws, cluster, mode, y, resid, part,
                         tickets, nullptr, 0, hd, n_rot};
     marlin_finish<NWT, GLU, 0>(job, [&](auto&& f) {
@@ -709,7 +675,7 @@ __device__ __forceinline__ void marlin_dec_main(
         const void* __restrict__ Av, int a_f16, int M, int K, int lda,
         const float* resid, int mode, int slabs, int kws, int cluster, float* part, u32* tickets,
         const int* pos, int rope_mask, int hd, int n_rot, float theta_scale, float freq_scale,
-        const float* norm_w, float eps, int norm, PrefetchArgs pf) {
+        const float* norm_w, float eps, int norm) {
     constexpr int NWT = GLU ? 2 : 1;
     constexpr int GB = DecGroup<QT>::GB, SCB = DecGroup<QT>::SCB;
     constexpr int WST1 = GB * NWT;                 // one group of the warp's weights
@@ -951,7 +917,6 @@ __device__ __forceinline__ void marlin_dec_main(
         }
     });
     cp_wait<0>();
-    l2_prefetch_share(pf);                         // this CTA streamed its weights: the next ones
     const MarlinJob job{o0, o1, o2, N0, N1, N2, t1, t2, t3, M, m0, rows, slabs, kws, cluster, mode, y, resid, part,
                         tickets, sRope, rope_mask, hd, n_rot};
     if (norm) {                                    // the rms_norm's 1 / sqrt(mean(x^2) + eps) of each row
@@ -982,12 +947,9 @@ __device__ __forceinline__ void marlin_dec_main(
     const u8 *w0, const u8 *w1, const u8 *w2, float *o0, float *o1, float *o2, int N0, int N1, int N2, \
         int t1, int t2, int t3, const void *A, int a_f16, int M, int K, int lda, const float *resid,      \
         int mode, int slabs, int kws, int cluster, float *part, u32 *tickets, const int *pos, int rope_mask, \
-        int hd, int n_rot, float theta_scale, float freq_scale, const float *norm_w, float eps, int norm, \
-        i64 pfa0, i64 pfa1, i64 pfa2, i64 pfa3, i64 pfa4, i64 pfa5, int pfn0, int pfn1, int pfn2, int pfn3,   \
-        int pfn4, int pfn5
+        int hd, int n_rot, float theta_scale, float freq_scale, const float *norm_w, float eps, int norm
 #define MARLIN_PASS w0, w1, w2, o0, o1, o2, N0, N1, N2, t1, t2, t3, A, a_f16, M, K, lda, resid, mode, slabs, kws, \
-        cluster, part, tickets, pos, rope_mask, hd, n_rot, theta_scale, freq_scale, norm_w, eps, norm,          \
-        PrefetchArgs{{pfa0, pfa1, pfa2, pfa3, pfa4, pfa5}, {pfn0, pfn1, pfn2, pfn3, pfn4, pfn5}}
+        cluster, part, tickets, pos, rope_mask, hd, n_rot, theta_scale, freq_scale, norm_w, eps, norm
 
 // marlin_<type>_m<MT>[_glu]: 16*MT rows of A per tile; marlin_q4_0_{m,d}1_s<STAGES>g<GPS>: pipeline
 // variants of the m1 and d1 kernels for benchmarks/bench_marlin.py --sweep

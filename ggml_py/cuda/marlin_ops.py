@@ -482,97 +482,14 @@ class MarlinPlan:
                 np.int32(self.rope_args[1]), np.float32(self.rope_args[2]), np.float32(self.rope_args[3]),
                 norm_w if self.norm is not None else None, np.float32(self.norm or 0.0),
                 np.int32(0 if self.norm is None else 1))
-        if self.cluster and not hasattr(self._kern, "ptr"):
-            raise RuntimeError("Marlin: cluster launches need the CUDA driver function (cupy Function)")
-        return MarlinLaunch(self, args, cs)
-
-
-class MarlinLaunch:
-    """A bound MarlinPlan launch (zero arguments). Its L2 prefetch ranges (``set_prefetch``, see
-    ``link_prefetch``) can be set until the launch is first made; the driver launch is built then."""
-
-    def __init__(self, plan: MarlinPlan, args: tuple, stream) -> None:
-        self.plan, self.args, self.stream = plan, args, stream
-        self.prefetch: list[tuple[int, int]] = []
-        self._run: Callable[[], None] | None = None
-
-    def set_prefetch(self, ranges) -> None:
-        ranges = [(int(a), int(n)) for a, n in ranges if int(n) > 0]
-        if len(ranges) > PF_RANGES or any(a % 16 or n % 16 or n >= 1 << 31 for a, n in ranges):
-            raise ValueError(f"Marlin prefetch: at most {PF_RANGES} 16-byte aligned ranges of < 2 GB")
-        self.prefetch = ranges
-        self._run = None
-
-    def _build(self) -> Callable[[], None]:
-        pr = self.prefetch + [(0, 0)] * (PF_RANGES - len(self.prefetch))
-        args = self.args + tuple(np.int64(a) for a, _ in pr) + tuple(np.int32(n) for _, n in pr)
-        p, cs = self.plan, self.stream
-        kern, grid, smem = p._kern, p.grid, p.smem
+        kern, grid, smem = self._kern, self.grid, self.smem
         if hasattr(kern, "ptr"):            # a driver function: launch with PDL (launch.py)
             from .launch import launcher
             return launcher(kern, grid, (THREADS,), args, smem, cs, programmatic=True,
-                            cluster=(1, p.slabs, 1) if p.cluster else None)
+                            cluster=(1, self.slabs, 1) if self.cluster else None)
+        if self.cluster:
+            raise RuntimeError("Marlin: cluster launches need the CUDA driver function (cupy Function)")
         return lambda: kern(grid, (THREADS,), args, smem, cs)
-
-    def __call__(self) -> None:
-        if self._run is None:
-            self._run = self._build()
-        self._run()
-
-
-# L2 prefetch between decode launches (marlin.cu, l2_prefetch_share): GGFLAT_MARLIN_PREFETCH, in MB,
-# bounds how much of the next launch's weights each decode launch prefetches (0: none).
-PF_RANGES = 6
-DEFAULT_PREFETCH_MB = 0
-
-
-def prefetch_budget() -> int:
-    """GGFLAT_MARLIN_PREFETCH (MB, >= 0) in bytes."""
-    raw = os.environ.get("GGFLAT_MARLIN_PREFETCH", "").strip()
-    if not raw:
-        return DEFAULT_PREFETCH_MB << 20
-    try:
-        mb = float(raw)
-    except ValueError:
-        mb = -1.0
-    if not mb >= 0:
-        from engine.errors import GGFlatError
-        raise GGFlatError(f"GGFLAT_MARLIN_PREFETCH={raw!r}: expected a size in MB (0: off)")
-    return int(mb * (1 << 20))
-
-
-def prefetch_ranges(ws, budget: int) -> list[tuple[int, int]]:
-    """The byte ranges (device address, size) that bring the first ``budget`` bytes' worth of a
-    launch's weights into L2: each weight whole, or the same leading fraction of its codes and of
-    its group scales (the leading tiles, which come first in both sections)."""
-    ws = list(ws)
-    total = sum(w.nbytes for w in ws)
-    if budget <= 0 or total <= 0:
-        return []
-    f = min(1.0, budget / total)
-    out = []
-    for w in ws:
-        base = int(w.data.data.ptr)
-        if f >= 1.0:
-            out.append((base, w.nbytes // 16 * 16))
-            continue
-        lay = w.layout
-        out.append((base, int(f * lay.qw_bytes) // 256 * 256))
-        out.append((base + lay.gs_offset, int(f * lay.gs_bytes) // 256 * 256))
-    return [(a, n) for a, n in out if n > 0]
-
-
-def link_prefetch(steps, budget: int | None = None) -> int:
-    """Give each decode launch (M <= 16) among ``steps`` (a plan's launches in order) the L2
-    prefetch of the next decode launch's weights, up to ``budget`` bytes (default: the
-    GGFLAT_MARLIN_PREFETCH setting). Returns the number of launches given a prefetch."""
-    budget = prefetch_budget() if budget is None else int(budget)
-    ls = [s for s in steps if isinstance(s, MarlinLaunch) and s.plan.M <= 16]
-    n = 0
-    for a, b in zip(ls, ls[1:]):
-        a.set_prefetch(prefetch_ranges(b.plan.ws, budget))
-        n += bool(a.prefetch)
-    return n
 
 
 def plan_gemm(ws, M: int, **kw) -> MarlinPlan:
@@ -653,5 +570,5 @@ def should_repack(ggml_type: int, shape: tuple[int, ...], nbytes: int) -> bool:
     return mode == "all" or nbytes >= MIN_BYTES
 
 
-__all__ = ["MarlinWeight", "MarlinPlan", "MarlinLaunch", "link_prefetch", "prefetch_budget", "eligible", "repack", "plan_gemm", "plan_get_rows", "plan_dequant16",
+__all__ = ["MarlinWeight", "MarlinPlan", "eligible", "repack", "plan_gemm", "plan_get_rows", "plan_dequant16",
            "should_repack", "enabled", "MIN_BYTES"]

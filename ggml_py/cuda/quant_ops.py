@@ -615,11 +615,6 @@ class MarlinMulMatPlan:
         return _runner(steps, stream)
 
 
-def link_prefetch(steps) -> int:
-    """The L2 prefetch chain of a plan's decode GEMM launches (marlin_ops.link_prefetch)."""
-    return marlin.link_prefetch(steps)
-
-
 class _MarlinGroup:
     """plan_mul_mat_group's answer for MarlinWeights (q/k/v, gate/up + glu, one + residual)."""
 
