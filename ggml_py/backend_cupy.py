@@ -403,6 +403,7 @@ class _Region:
         self.norm: Tensor | None = None
         self.pos = next(iter(self.ropes.values()))[1].src[1] if self.ropes else None
         self.resid = None
+        self.kv: Tensor | None = None          # a kv_store of k and v this launch also does (mm_group)
         if add is not None:
             self.resid = add.src[1] if add.src[0] is members[0] else add.src[0]
 
@@ -641,6 +642,7 @@ class CupyBackend(Backend):
                     b.last[r] = end
                     b.extra_die.setdefault(end, []).append(r)
         first = {rg.nodes[0].index: rg for rg in regions}
+        kv_folded = self._kv_folds(b, live, regions)
 
         # activations: offsets, then views into the shared arena
         size = b.layout()
@@ -679,6 +681,8 @@ class CupyBackend(Backend):
                 plan.fusions[rg.kind] = plan.fusions.get(rg.kind, 0) + 1
                 if rg.norm is not None:
                     plan.fusions["mm_norm"] = plan.fusions.get("mm_norm", 0) + 1
+                if rg.kv is not None:
+                    plan.fusions["mm_kv_store"] = plan.fusions.get("mm_kv_store", 0) + 1
                 continue
             nxt = live[i + 1] if i + 1 < len(live) else None
             if t.op == "add" and nxt is not None and self._fuse_add_norm(b, t, nxt):
@@ -691,6 +695,8 @@ class CupyBackend(Backend):
                 skip.add(nxt.index)
                 plan.n_fused += 1
                 plan.fusions[t.op + "_pair"] = plan.fusions.get(t.op + "_pair", 0) + 1
+                continue
+            if t.index in kv_folded:                   # written by its q/k/v launch
                 continue
             if math.prod(t.shape) == 0 and t.op != "kv_store":
                 continue
@@ -1118,8 +1124,61 @@ class CupyBackend(Backend):
         if rg.resid is not None:
             kw["resid"] = b.vals[rg.resid.index]
         x = b.vals[rg.x.index]
-        self._emit(b, rg.gplan.bind(x.reshape(n, -1) if x.ndim != 2 else x, bufs, self.stream, **kw))
+        x = x.reshape(n, -1) if x.ndim != 2 else x
+        if rg.kv is None:
+            self._emit(b, rg.gplan.bind(x, bufs, self.stream, **kw))
+            return True
+        kvl, _, _, slots_t, pos_t = rg.kv.src
+        layer, S, P = kvl.params["layer"], b.vals[slots_t.index], b.vals[pos_t.index]
+        self._kv_slot_check(b, rg.kv)
+        gplan, stream = rg.gplan, self.stream
+
+        def make(st: CupyKVStorage) -> Step:
+            return gplan.bind(x, bufs, stream, kv=(st.k[layer], st.v[layer], st.pos[layer], S, P), **kw)
+        self._emit_kv(b, make)
         return True
+
+    def _kv_folds(self, b: _Builder, live: list[Tensor], regions: list[_Region]) -> set[int]:
+        """The kv_store nodes whose k and v are the k and v outputs (through reshapes) of a q/k/v
+        launch that can write the cache itself (quant_ops: a Marlin decode launch over the whole
+        k range), their slots and positions graph inputs: each is given to its region (rg.kv) and
+        left out of the steps. The unfused k and v outputs are still written."""
+        out_of: dict[int, tuple[_Region, int]] = {}
+        for rg in regions:
+            if rg.kind == "mm_group" and len(rg.members) == 3 and getattr(rg.gplan, "kv_fold_ok", False):
+                for g, o in enumerate(rg.outputs()):
+                    out_of[o.index] = (rg, g)
+
+        def strip(t: Tensor) -> Tensor:
+            while t.op == "reshape":
+                t = t.src[0]
+            return t
+        folded: set[int] = set()
+        for t in live:
+            if t.op != "kv_store" or not out_of:
+                continue
+            _, k, v, slots, pos = t.src
+            ka, va = out_of.get(strip(k).index), out_of.get(strip(v).index)
+            if (ka is None or va is None or ka[0] is not va[0] or (ka[1], va[1]) != (1, 2) or ka[0].kv is not None
+                    or self._input_root(b, slots) is None or self._input_root(b, pos) is None):
+                continue
+            ka[0].kv = t
+            folded.add(t.index)
+        return folded
+
+    def _kv_slot_check(self, b: _Builder, t: Tensor) -> None:
+        """The host-side range check of a kv_store's slots (an input): each run, before launching."""
+        name = self._input_root(b, t.src[3])
+        if name is None:
+            return
+
+        def check(host: dict, st: Any, name=name) -> None:
+            s = host[name]
+            cap = st.spec.n_pages * st.spec.page_size
+            lo, hi = int(s.min()), int(s.max())
+            if lo < 0 or hi >= cap:
+                raise ValueError(f"kv_store: slot {lo if lo < 0 else hi} outside the cache's [0, {cap})")
+        b.plan.checks[("kv_store", name)] = check
 
     def _scale(self, b: _Builder, t: Tensor) -> None:
         from .cuda import elementwise_ops as ew
@@ -1169,15 +1228,7 @@ class CupyBackend(Backend):
         K, V, S, P = (b.vals[s.index] for s in (k, v, slots, pos))
         if k.shape[0] == 0:
             return
-        name = self._input_root(b, slots)
-        if name is not None:
-            def check(host: dict, st: Any, name=name) -> None:
-                s = host[name]
-                cap = st.spec.n_pages * st.spec.page_size
-                lo, hi = int(s.min()), int(s.max())
-                if lo < 0 or hi >= cap:
-                    raise ValueError(f"kv_store: slot {lo if lo < 0 else hi} outside the cache's [0, {cap})")
-            b.plan.checks[("kv_store", name)] = check
+        self._kv_slot_check(b, t)
         ao, stream = self.dev.attention_ops(), self.stream
 
         def make(st: CupyKVStorage) -> Step:

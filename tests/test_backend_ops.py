@@ -1035,6 +1035,76 @@ def test_kv_store_and_attention(target, kv_dtype, case):
     np.testing.assert_array_equal(host.v[0], kv_ref.v[0])
 
 
+def _qkv_attn_graph(n, d, H, Hkv, hd, max_pages, qtype):
+    """norm -> q/k/v (ropes on q, k) -> kv_store of k, v -> attention of q: a llama layer's first half."""
+    g = Graph()
+    kv = g.kv_layer(0, Hkv, hd, hd)
+    x, pos = g.input("x", (n, d)), g.input("pos", (n,), "i32")
+    h = ops.rms_norm(x, 1e-5, g.weight("an", (d,), "F32"))
+    q = ops.mul_mat(g.weight("wq", (H * hd, d), qtype), h)
+    k = ops.mul_mat(g.weight("wk", (Hkv * hd, d), qtype), h)
+    v = ops.mul_mat(g.weight("wv", (Hkv * hd, d), qtype), h)
+    q = ops.rope(ops.reshape(q, (n, H, hd)), pos, hd, 10000.0, 1.0, ops.ROPE_NORMAL)
+    k = ops.rope(ops.reshape(k, (n, Hkv, hd)), pos, hd, 10000.0, 1.0, ops.ROPE_NORMAL)
+    st = ops.kv_store(kv, k, ops.reshape(v, (n, Hkv, hd)), g.input("slots", (n,), "i32"), pos)
+    g.output("a", ops.attention(q, kv, g.input("bt", (max_pages,), "i32"), g.input("kv_len", (1,), "i32"), pos,
+                                1 / math.sqrt(hd), after=(st,)))
+    return g
+
+
+@pytest.mark.parametrize("kv_dtype", ["f16", "f32"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K"])
+def test_kv_store_folded_into_qkv(gpu, monkeypatch, qtype, kv_dtype):
+    """With the q/k/v weights repacked for Marlin, a decode step's kv_store runs inside the q/k/v
+    launch (fusions["mm_kv_store"]): the cache's pages and the attention output are bit for bit
+    those of the unfolded launches (GGFLAT_MARLIN_KVFOLD=0), and close to the NumPy backend's;
+    a prefill (n > 16) keeps its own kv_store."""
+    monkeypatch.setenv("GGFLAT_MARLIN", "all")
+    d, H, Hkv, hd, P = 256, 4, 2, 64, 16
+    rng = np.random.default_rng(52)
+    steps = [(0, 20), (20, 1), (21, 3), (24, 1)]
+    need = -(-sum(n for _, n in steps) // P)
+    n_pages, max_pages = need + 3, need + 1
+    spec = KVCacheSpec(1, Hkv, hd, hd, n_pages, P, kv_dtype)
+    bt = rng.permutation(n_pages)[:max_pages].astype(np.int32)
+    g0 = _qkv_attn_graph(1, d, H, Hkv, hd, max_pages, qtype)
+    weights = _block_weights(rng, g0)
+    ref_be = NumpyBackend()
+    ref_be.load_weights(weights)
+    kv_ref = ref_be.alloc_kv(spec)
+    runs = {}
+    for fold in ("1", "0"):
+        monkeypatch.setenv("GGFLAT_MARLIN_KVFOLD", fold)
+        be = gpu()
+        be.load_weights(weights)
+        kv = be.alloc_kv(spec)
+        outs = []
+        for start, n in steps:
+            g = _qkv_attn_graph(n, d, H, Hkv, hd, max_pages, qtype)
+            plan = be.plan(g)
+            want = 1 if (fold == "1" and n <= 16) else 0
+            assert plan.fusions.get("mm_kv_store", 0) == want, (fold, n, plan.fusions)
+            assert [t.op for t in plan.step_node].count("kv_store") == 1 - want
+            inputs = {"x": rand(rng, n, d) if fold == "1" else runs["1"][2][len(outs)], "pos":
+                      np.arange(start, start + n, dtype=np.int32), "slots": _slots(bt, P, start, n), "bt": bt,
+                      "kv_len": np.array([start + n], np.int32)}
+            for _ in range(2):                  # eager, then captured (the same step again: same bytes)
+                out = be.run(plan, inputs, kv)["a"]
+            outs.append((inputs, out))
+        runs[fold] = (kv.to_numpy(), [o for _, o in outs], [i["x"] for i, _ in outs])
+        if fold == "1":
+            for inputs, out in outs:
+                ref = ref_be.run(ref_be.plan(_qkv_attn_graph(inputs["x"].shape[0], d, H, Hkv, hd, max_pages, qtype)),
+                                 inputs, kv_ref)["a"]
+                assert_close(out, ref, F16_KV_TOL if kv_dtype == "f16" else DECODE_TOL, "attention")
+    (c1, o1, _), (c0, o0, _) = runs["1"], runs["0"]
+    for a, b in zip(o1, o0):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(c1.pos[0], c0.pos[0])
+    np.testing.assert_array_equal(c1.k[0], c0.k[0])
+    np.testing.assert_array_equal(c1.v[0], c0.v[0])
+
+
 def test_attention_input_checks(target):
     be = target()
     try:

@@ -338,6 +338,56 @@ def test_gemm_norm_and_rope(cp, mo, t):
 
 
 @pytest.mark.parametrize("t", TYPES, ids=TYPES.get)
+def test_gemm_kv_fold(cp, mo, t):
+    """A q/k/v decode launch that also writes k and v into cache pages: the rows at the tokens'
+    slots are the k / v outputs rounded as kv_store rounds them, with the positions beside;
+    slots outside the cache are skipped; plans that cannot fold refuse."""
+    seed = _seed()
+    rng = np.random.default_rng(seed)
+    K, hd = 512, 64
+    shapes = [(256, K), (128, K), (128, K)]
+    ws = [_marlin(cp, mo, t, _raw(rng, t, s), s) for s in shapes]
+    n_pages, page = 5, 4
+    for M in (1, 3, 12):
+        for dt in (np.float16, np.float32):
+            kc = cp.zeros((n_pages, page, 2, hd), dt)
+            vc = cp.zeros((n_pages, page, 2, hd), dt)
+            pc = cp.full((n_pages, page), -1, cp.int32)
+            slots = rng.permutation(n_pages * page)[:M].astype(np.int32)
+            slots[0] = n_pages * page + 3 if M > 1 else slots[0]          # outside: skipped
+            kpos = rng.integers(0, 1000, M).astype(np.int32)
+            p = mo.plan_gemm(ws, M, rope={"head_dim": hd, "n_rot": hd, "base": 10000.0, "freq_scale": 1.0,
+                                          "members": (0, 1)}, norm=1e-5)
+            assert p.kv_fold_ok
+            a = cp.asarray(rng.standard_normal((M, K)).astype(np.float32))
+            outs = [cp.empty((M, s[0]), cp.float32) for s in shapes]
+            pos = cp.asarray(rng.integers(0, 1000, M).astype(np.int32))
+            p.bind(a, outs, pos=pos, kv=(kc, vc, pc, cp.asarray(slots), cp.asarray(kpos)))()
+            kh, vh, ph = (cp.asnumpy(c).reshape(n_pages * page, -1) for c in (kc, vc, pc))
+            ko, vo = cp.asnumpy(outs[1]), cp.asnumpy(outs[2])
+            ok = slots < n_pages * page
+            np.testing.assert_array_equal(kh[slots[ok]], ko[ok].astype(dt))
+            np.testing.assert_array_equal(vh[slots[ok]], vo[ok].astype(dt))
+            np.testing.assert_array_equal(ph[slots[ok], 0], kpos[ok])
+            rest = np.setdiff1d(np.arange(n_pages * page), slots[ok])
+            assert not kh[rest].any() and not vh[rest].any() and (ph[rest] == -1).all()
+    a = cp.zeros((1, K), cp.float32)
+    outs = [cp.empty((1, s[0]), cp.float32) for s in shapes]
+    kv = (kc, vc, pc, cp.asarray(slots), cp.asarray(kpos))
+    split = mo.plan_gemm(ws, 1, slabs=2)
+    assert not split.kv_fold_ok and not mo.plan_gemm(ws[:2], 1, slabs=1).kv_fold_ok
+    with pytest.raises(ValueError, match="KV-cache"):
+        split.bind(a, outs, kv=kv)
+    one = mo.plan_gemm(ws, 1, slabs=1)
+    with pytest.raises(ValueError, match="cache rows"):
+        one.bind(a, outs, kv=(cp.zeros((n_pages, page, 1, hd), kc.dtype),) + kv[1:])
+    with pytest.raises(ValueError, match="one float type"):
+        one.bind(a, outs, kv=(kc, vc.astype(cp.float64)) + kv[2:])
+    with pytest.raises(ValueError, match="slots"):
+        one.bind(a, outs, kv=kv[:3] + (cp.zeros(1, cp.int64),) + kv[4:])
+
+
+@pytest.mark.parametrize("t", TYPES, ids=TYPES.get)
 def test_get_rows_and_dequant16(cp, mo, t):
     seed = _seed()
     rng = np.random.default_rng(seed)

@@ -238,6 +238,17 @@ __device__ __forceinline__ void for_dec_acc(int lane, F&& f) {
 // up projection's sum (the same element as a when NWT == 1). Reduces the k-split inside the CTA
 // (kws warps a tile, shared memory), across the CTAs of a cluster (distributed shared memory) or
 // through partials and tickets, then applies the epilogue and stores.
+// The KV-cache write folded into a q/k/v launch (store path only): weight 1's outputs (the keys,
+// after their rope) and weight 2's (the values) also go to the cache rows of the tokens' slots,
+// as attention.cu's kv_store writes them (f16 rounded to nearest, or f32), with the tokens'
+// positions beside them. kc == nullptr: no fold. Slots outside [0, cap) are skipped, as there.
+struct KVFold {
+    void *kc, *vc;
+    int* pc;
+    const int *slots, *pos;
+    int f16, cap;
+};
+
 struct MarlinJob {
     float *o0, *o1, *o2;
     int N0, N1, N2, t1, t2, t3;
@@ -247,6 +258,7 @@ struct MarlinJob {
     u32* tickets;
     const float2* rtab;                            // rope (store path only): [rows][n_rot / 2] (cos, sin)
     int rope_mask, hd, n_rot;
+    KVFold kv;
 };
 
 // RoPE, ggml's normal mode: the cos and sin of pair p (elements 2p, 2p + 1 of a head) at position
@@ -351,6 +363,16 @@ __device__ __forceinline__ void marlin_finish(const MarlinJob& j, Each&& each, u
                 if (GLU) v = (mode == 1 ? act_silu(v) : act_gelu(v)) * b;
                 else if (mode == 3) v += j.resid[o];
                 out[o] = v;
+                if (PX != 0 && j.kv.kc != nullptr && g != 0) {
+                    const int s = j.kv.slots[m0 + row];
+                    if (s >= 0 && s < j.kv.cap) {
+                        const i64 e = (i64)s * N + n;
+                        void* c = g == 1 ? j.kv.kc : j.kv.vc;
+                        if (j.kv.f16) reinterpret_cast<half*>(c)[e] = __float2half_rn(v);
+                        else reinterpret_cast<float*>(c)[e] = v;
+                        if (g == 1 && n == 0) j.kv.pc[s] = j.kv.pos[m0 + row];
+                    }
+                }
             }
         });
         return;
@@ -476,7 +498,8 @@ __device__ __forceinline__ void marlin_main(
         const void* __restrict__ Av, int a_f16, int M, int K, int lda,
         const float* resid, int mode, int slabs, int kws, int cluster, float* part, u32* tickets,
         const int* pos, int rope_mask, int hd, int n_rot, float theta_scale, float freq_scale,
-        const float* norm_w, float eps, int norm) {
+        const float* norm_w, float eps, int norm, void* kc, void* vc, int* pc, const int* kslots,
+        const int* kpos, int kv_f16, int kv_cap) {
     constexpr int NWT = GLU ? 2 : 1;               // weights a warp reads (gate and up together)
     constexpr int WST1 = MARLIN_WSTAGE * NWT;      // one group's bytes (codes + scales, both weights)
     constexpr int WST = WST1 * GPS;                // one warp's bytes of one stage (GPS groups)
@@ -610,7 +633,7 @@ __device__ __forceinline__ void marlin_main(
     });
     cp_wait<0>();
     const MarlinJob job{o0, o1, o2, N0, N1, N2, t1, t2, t3, M, m0, rows, slabs, kws, cluster, mode, y, resid, part,
-                        tickets, nullptr, 0, hd, n_rot};
+                        tickets, nullptr, 0, hd, n_rot, KVFold{}};
     marlin_finish<NWT, GLU, 0>(job, [&](auto&& f) {
         for_acc<1, MT>(lane, [&](int, int mt, int t8, int r, int row, int col) {
             f(row, col, acc[0][mt][t8][r], acc[NWT - 1][mt][t8][r]);
@@ -675,7 +698,8 @@ __device__ __forceinline__ void marlin_dec_main(
         const void* __restrict__ Av, int a_f16, int M, int K, int lda,
         const float* resid, int mode, int slabs, int kws, int cluster, float* part, u32* tickets,
         const int* pos, int rope_mask, int hd, int n_rot, float theta_scale, float freq_scale,
-        const float* norm_w, float eps, int norm) {
+        const float* norm_w, float eps, int norm, void* kc, void* vc, int* pc, const int* kslots,
+        const int* kpos, int kv_f16, int kv_cap) {
     constexpr int NWT = GLU ? 2 : 1;
     constexpr int GB = DecGroup<QT>::GB, SCB = DecGroup<QT>::SCB;
     constexpr int WST1 = GB * NWT;                 // one group of the warp's weights
@@ -918,7 +942,7 @@ __device__ __forceinline__ void marlin_dec_main(
     });
     cp_wait<0>();
     const MarlinJob job{o0, o1, o2, N0, N1, N2, t1, t2, t3, M, m0, rows, slabs, kws, cluster, mode, y, resid, part,
-                        tickets, sRope, rope_mask, hd, n_rot};
+                        tickets, sRope, rope_mask, hd, n_rot, KVFold{kc, vc, pc, kslots, kpos, kv_f16, kv_cap}};
     if (norm) {                                    // the rms_norm's 1 / sqrt(mean(x^2) + eps) of each row
         float sc[T][2];
 #pragma unroll
@@ -947,9 +971,11 @@ __device__ __forceinline__ void marlin_dec_main(
     const u8 *w0, const u8 *w1, const u8 *w2, float *o0, float *o1, float *o2, int N0, int N1, int N2, \
         int t1, int t2, int t3, const void *A, int a_f16, int M, int K, int lda, const float *resid,      \
         int mode, int slabs, int kws, int cluster, float *part, u32 *tickets, const int *pos, int rope_mask, \
-        int hd, int n_rot, float theta_scale, float freq_scale, const float *norm_w, float eps, int norm
+        int hd, int n_rot, float theta_scale, float freq_scale, const float *norm_w, float eps, int norm,      \
+        void *kc, void *vc, int *pc, const int *kslots, const int *kpos, int kv_f16, int kv_cap
 #define MARLIN_PASS w0, w1, w2, o0, o1, o2, N0, N1, N2, t1, t2, t3, A, a_f16, M, K, lda, resid, mode, slabs, kws, \
-        cluster, part, tickets, pos, rope_mask, hd, n_rot, theta_scale, freq_scale, norm_w, eps, norm
+        cluster, part, tickets, pos, rope_mask, hd, n_rot, theta_scale, freq_scale, norm_w, eps, norm, kc, vc, pc, \
+        kslots, kpos, kv_f16, kv_cap
 
 // marlin_<type>_m<MT>[_glu]: 16*MT rows of A per tile; marlin_q4_0_{m,d}1_s<STAGES>g<GPS>: pipeline
 // variants of the m1 and d1 kernels for benchmarks/bench_marlin.py --sweep

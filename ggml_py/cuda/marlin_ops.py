@@ -148,6 +148,11 @@ def dec_enabled() -> bool:
     return _env_on("GGFLAT_MARLIN_DEC")
 
 
+def kv_fold_enabled() -> bool:
+    """GGFLAT_MARLIN_KVFOLD=0 keeps the KV-cache write a launch of its own (A/B measurements)."""
+    return _env_on("GGFLAT_MARLIN_KVFOLD")
+
+
 def _config(M: int) -> str:
     """The default kernel variant (without _glu) for M rows of A."""
     if M <= 16 and dec_enabled():
@@ -437,12 +442,20 @@ class MarlinPlan:
     def weight_bytes(self) -> int:
         return sum(w.nbytes for w in self.ws)
 
-    def __call__(self, a, outs, stream=None, resid=None, pos=None, norm_w=None) -> None:
-        self.bind(a, outs, stream, resid, pos, norm_w)()
+    @property
+    def kv_fold_ok(self) -> bool:
+        """Whether bind can fold the KV-cache write of k (weight 1) and v (weight 2) in: a q/k/v
+        launch of the decode kernel over the whole k range (its store path writes the cache)."""
+        return self.dec and self.slabs == 1 and len(self.ws) == 3 and self.glu is None and not self.residual
 
-    def bind(self, a, outs, stream=None, resid=None, pos=None, norm_w=None) -> Callable[[], None]:
+    def __call__(self, a, outs, stream=None, resid=None, pos=None, norm_w=None, kv=None) -> None:
+        self.bind(a, outs, stream, resid, pos, norm_w, kv)()
+
+    def bind(self, a, outs, stream=None, resid=None, pos=None, norm_w=None, kv=None) -> Callable[[], None]:
         """A zero-argument launch. pos: (M,) int32 positions when the plan ropes; norm_w: (K,) f32 or
-        None when it folds an rms_norm (of a's rows, with norm_w's weights) in."""
+        None when it folds an rms_norm (of a's rows, with norm_w's weights) in; kv: None, or
+        (k_cache, v_cache, pos_cache, slots, kv_pos) to also write k and v (outputs 1 and 2) into a
+        layer's pages as attention_ops.kv_store does (``kv_fold_ok`` plans)."""
         import cupy
         M, K = self.M, self.K
         want = np.float16 if self.a_dtype == "f16" else np.float32
@@ -468,6 +481,7 @@ class MarlinPlan:
         if self.norm is not None and norm_w is not None and (
                 norm_w.dtype != np.float32 or norm_w.size != K or not norm_w.flags.c_contiguous or norm_w.data.ptr % 16):
             raise ValueError(f"Marlin: norm_w must be a contiguous 16-byte aligned float32 array of {K} values")
+        kv_args = self._kv_args(kv)
         cs = stream if stream is not None else cupy.cuda.get_current_stream()
         ws = list(self.ws) + [None] * (3 - len(self.ws))
         os_ = outs + [None] * (3 - len(outs))
@@ -481,7 +495,7 @@ class MarlinPlan:
                 pos if self.rope_mask else None, np.int32(self.rope_mask), np.int32(self.rope_args[0]),
                 np.int32(self.rope_args[1]), np.float32(self.rope_args[2]), np.float32(self.rope_args[3]),
                 norm_w if self.norm is not None else None, np.float32(self.norm or 0.0),
-                np.int32(0 if self.norm is None else 1))
+                np.int32(0 if self.norm is None else 1)) + kv_args
         kern, grid, smem = self._kern, self.grid, self.smem
         if hasattr(kern, "ptr"):            # a driver function: launch with PDL (launch.py)
             from .launch import launcher
@@ -490,6 +504,30 @@ class MarlinPlan:
         if self.cluster:
             raise RuntimeError("Marlin: cluster launches need the CUDA driver function (cupy Function)")
         return lambda: kern(grid, (THREADS,), args, smem, cs)
+
+
+    def _kv_args(self, kv) -> tuple:
+        """The kernel arguments of a folded KV-cache write (or of none)."""
+        if kv is None:
+            return (None, None, None, None, None, np.int32(0), np.int32(0))
+        if not self.kv_fold_ok:
+            raise ValueError("Marlin: the KV-cache write folds into a q/k/v decode launch with one k-slab only")
+        kc, vc, pc, slots, kpos = kv
+        M = self.M
+        if kc.dtype != vc.dtype or kc.dtype not in (np.float16, np.float32) or kc.ndim != 4 or vc.ndim != 4:
+            raise ValueError("Marlin: the k and v caches must be (pages, page, heads, dim) arrays of one float type")
+        cap = kc.shape[0] * kc.shape[1]
+        if vc.shape[:2] != kc.shape[:2] or not (kc.flags.c_contiguous and vc.flags.c_contiguous):
+            raise ValueError("Marlin: the k and v caches must be contiguous and hold the same slots")
+        if kc.shape[2] * kc.shape[3] != self.ws[1].rows or vc.shape[2] * vc.shape[3] != self.ws[2].rows:
+            raise ValueError(f"Marlin: cache rows of {kc.shape[2]}x{kc.shape[3]} / {vc.shape[2]}x{vc.shape[3]} do not "
+                             f"match the k / v outputs ({self.ws[1].rows} / {self.ws[2].rows})")
+        if pc.dtype != np.int32 or pc.size != cap or not pc.flags.c_contiguous:
+            raise ValueError(f"Marlin: the position cache must be {cap} contiguous int32")
+        for name, x in (("slots", slots), ("kv_pos", kpos)):
+            if x.dtype != np.int32 or x.size < M or not x.flags.c_contiguous:
+                raise ValueError(f"Marlin: {name} must be a contiguous int32 array of at least {M} values")
+        return (kc, vc, pc, slots, kpos, np.int32(1 if kc.dtype == np.float16 else 0), np.int32(cap))
 
 
 def plan_gemm(ws, M: int, **kw) -> MarlinPlan:

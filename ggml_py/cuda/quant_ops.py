@@ -629,10 +629,15 @@ class _MarlinGroup:
     def n_outputs(self) -> int:
         return 1 if self.glu else len(self.ws)
 
-    def bind(self, x, outs, stream=None, pos=None, norm_w=None, resid=None) -> Callable[[], None]:
+    @property
+    def kv_fold_ok(self) -> bool:
+        """Whether bind takes kv= (the KV-cache write of k and v folded into this q/k/v launch)."""
+        return self.gemm.kv_fold_ok and marlin.kv_fold_enabled()
+
+    def bind(self, x, outs, stream=None, pos=None, norm_w=None, resid=None, kv=None) -> Callable[[], None]:
         n, K = self.n, self.ws[0].cols
         _check_act(x, (n, K), "x", 16)
-        return self.gemm.bind(x, list(outs), stream, resid=resid, pos=pos, norm_w=norm_w)
+        return self.gemm.bind(x, list(outs), stream, resid=resid, pos=pos, norm_w=norm_w, kv=kv)
 
 
 def _marlin_group(ws, n: int, glu, rope, norm, residual):
