@@ -19,7 +19,8 @@ How a graph runs (ggml_py/cuda/DESIGN.md has the interfaces between the pieces):
   normal-mode ropes of q and k in the kernel's epilogue, gate/up with the swiglu/geglu
   (only the product is written). Level 2 also folds a residual ``add`` into the launch of
   the mul_mat it reads (o, down) and the ``rms_norm`` before a group into the group's
-  launch. Such a region's nodes are moved next to each other in the live list before
+  launch; a ``kv_store`` of a q/k/v launch's k and v goes into that launch when it can write
+  the cache (``_kv_folds``: Marlin decode kernels). Such a region's nodes are moved next to each other in the live list before
   buffers are placed (still a topological order), and what the launch reads stays
   allocated until its last node. SmolLM2-135M Q4_1 (synthetic) decode step on an H100, run()
   wall time: level 0 395 launches 1.21 ms, level 1 245 launches 0.93 ms, level 2 (the
