@@ -31,6 +31,7 @@ part2)
   python3 -m cli.main bench -m $SMOL --backend cupy -p 512 -n 128 -r 5 | tee $OUT/bench_smol.md
   python3 -m cli.main bench -m /tmp/llama8b-q4_0.gguf --backend cupy -p 512 -n 128 -r 3 | tee $OUT/bench_8b.md
   GGFLAT_MARLIN=off python3 -m cli.main bench -m /tmp/llama8b-q4_0.gguf --backend cupy -p 0 -n 128 -r 3 | tee $OUT/bench_8b_gguf.md
+  GGFLAT_MARLIN_KVFOLD=0 python3 -m cli.main bench -m /tmp/llama8b-q4_0.gguf --backend cupy -p 0 -n 128 -r 3 | tee $OUT/bench_8b_nokvfold.md
   GGFLAT_MARLIN_DEC=0 python3 -m cli.main bench -m /tmp/llama8b-q4_0.gguf --backend cupy -p 0 -n 128 -r 3 | tee $OUT/bench_8b_nodec.md
   python3 -m cli.main bench -m /tmp/llama8b-q4_0.gguf --backend cupy -p 0 -n 128 -d 8192 -r 3 | tee $OUT/bench_8b_d8192.md
   ;;
