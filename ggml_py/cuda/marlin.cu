@@ -476,6 +476,48 @@ __device__ __forceinline__ WarpWork warp_work(int MR, int K, int M, int slabs, i
     return w;
 }
 
+// A warp's stream of weight groups into its cp.async ring (both GEMM kernels). Per group the
+// ring holds NWT blocks of GB bytes: 1024 of codes (each lane's 16 bytes of both k-steps), then the
+// scales (Q4_0: 8 lanes' 16 bytes; Q4_1: 16; Q4_K: the group's sc/min from 8 lanes at 1024, the
+// superblock's d/dmin from lanes 8-23 at 1024 + 128). Branch-free: every copy is predicated (a
+// scale copy on its lane, every copy on the group being in range) and its address is a stream
+// offset fixed at the warp's first group plus the group's stride.
+template <int QT, int NWT, int GPS, int GB>
+struct GroupStream {
+    static constexpr int SCB = QT == 1 ? 256 : 128;          // a group's scale bytes in the gs section
+    static constexpr int WST1 = GB * NWT, WST = WST1 * GPS;  // one group, one stage
+    const u8 *w0, *w1;
+    i64 qoff, goff, soff;
+    u32 ring_s;
+    int gw0, ng;
+    bool sc_lane, ss_lane, active;
+    __device__ __forceinline__ GroupStream(const u8* W, const u8* W1, const Layout& L, int nt, int K, int G,
+                                           int gw0_, int ng_, bool active_, const u8* ring, int lane)
+        : w0(W), w1(W1), qoff(((i64)nt * (K / 16) + 2 * gw0_) * 512 + lane * 16),
+          goff(L.gs + ((i64)nt * G + gw0_) * SCB + lane * 16), soff(L.ss + (i64)nt * (G / 8) * 256 + (lane - 8) * 16),
+          ring_s(smem_addr(ring) + lane * 16), gw0(gw0_), ng(ng_), sc_lane(QT == 1 ? lane < 16 : lane < 8),
+          ss_lane(QT == 2 && lane >= 8 && lane < 24), active(active_) {}
+    // stage i (groups GPS i .. GPS i + GPS - 1 of the warp) into ring slot `slot`: one commit group
+    __device__ __forceinline__ void issue(int i, int slot) const {
+#pragma unroll
+        for (int q = 0; q < GPS; ++q) {
+            const int gi = i * GPS + q;
+            const bool ok = active && gi < ng;
+#pragma unroll
+            for (int w = 0; w < NWT; ++w) {
+                const u8* Wp = w == 0 ? w0 : w1;
+                const u32 dst = ring_s + (u32)(slot * WST + q * WST1 + w * GB);
+                const u8* src = Wp + qoff + (i64)gi * 1024;
+                cp_async16_if(dst, src, ok);
+                cp_async16_if(dst + 512, src + 512, ok);
+                cp_async16_if(dst + 1024, Wp + goff + (i64)gi * SCB, ok && sc_lane);
+                if (QT == 2) cp_async16_if(dst + 1024, Wp + soff + (i64)((gw0 + gi) >> 3) * 256, ok && ss_lane);
+            }
+        }
+        cp_commit();
+    }
+};
+
 // A warp's walk through its cp.async ring: n_st stages, STAGES - 1 already issued; before stage i
 // is consumed (body(i, its ring slot)) stage i + STAGES - 1 is issued into the slot freed last.
 template <int STAGES, typename Issue, typename Body>
@@ -510,48 +552,16 @@ __device__ __forceinline__ void marlin_main(
     const int sub = ww.sub, t = ww.t, gw0 = ww.gw0, ng = ww.ng, g = ww.g, nt = ww.nt, N = ww.N;
     const bool active = ww.active;
     const u8* W = ww.W;
-    const Layout L = layout_of<QT>(N, K);
-    const Layout L1 = layout_of<QT>(N1, K);
+    const Layout L = layout_of<QT>(N, K);          // (gate and up share a shape: one layout)
 
     extern __shared__ uint4 smem4[];
     u8* smem = reinterpret_cast<u8*>(smem4);
     u8* ring = smem + warp * STAGES * WST;
     half* sA = reinterpret_cast<half*>(smem + 8 * STAGES * WST);
-    u8* sZero = reinterpret_cast<u8*>(sA + rows * lds);
 
-    auto copy_w = [&](u8* dst, const u8* Wp, const Layout& Lp, int grp) {
-        const u8* src = Wp + ((i64)nt * (K / 16) + 2 * grp) * 512;
-        cp_async16(dst + lane * 16, src + lane * 16);
-        cp_async16(dst + 512 + lane * 16, src + 512 + lane * 16);
-        if (QT == 0) {
-            if (lane < 8) cp_async16(dst + 1024 + lane * 16, Wp + Lp.gs + ((i64)nt * G + grp) * 128 + lane * 16);
-        } else if (QT == 1) {
-            if (lane < 16) cp_async16(dst + 1024 + lane * 16, Wp + Lp.gs + ((i64)nt * G + grp) * 256 + lane * 16);
-        } else {
-            if (lane < 8) {
-                cp_async16(dst + 1024 + lane * 16, Wp + Lp.gs + ((i64)nt * G + grp) * 128 + lane * 16);
-            } else if (lane < 24) {
-                cp_async16(dst + 1024 + 128 + (lane - 8) * 16,
-                           Wp + Lp.ss + ((i64)nt * (G / 8) + grp / 8) * 256 + (lane - 8) * 16);
-            }
-        }
-    };
     const int n_st = (ng + GPS - 1) / GPS;         // stages of this warp
-    // stage i of this warp: groups g0 + GPS*i ... into ring slot ``slot``
-    auto issue = [&](int i, int slot) {
-        if (active && i < n_st) {
-#pragma unroll
-            for (int q = 0; q < GPS; ++q) {
-                const int gi = i * GPS + q;
-                if (gi < ng) {
-                    u8* dst = ring + slot * WST + q * WST1;
-                    copy_w(dst, W, L, gw0 + gi);
-                    if (GLU) copy_w(dst + MARLIN_WSTAGE, w1, L1, gw0 + gi);
-                }
-            }
-        }
-        cp_commit();
-    };
+    const GroupStream<QT, NWT, GPS, MARLIN_WSTAGE> stream(W, w1, L, nt, K, G, gw0, ng, active, ring, lane);
+    auto issue = [&](int i, int slot) { stream.issue(i, slot); };
 
     PDL_TRIGGER();
 #pragma unroll
@@ -563,7 +573,6 @@ __device__ __forceinline__ void marlin_main(
 #endif
 
     // the A window: rows x kw, f16, loaded by the whole CTA while the first stages are in flight
-    if (threadIdx.x == 0) *reinterpret_cast<uint4*>(sZero) = make_uint4(0, 0, 0, 0);
     {
         const int cpr = kw / 8;                    // 8-element chunks per row
         for (int c = threadIdx.x; c < rows * cpr; c += MARLIN_THREADS) {
@@ -589,13 +598,13 @@ __device__ __forceinline__ void marlin_main(
     float acc[NWT][MT][8][4];
     for_acc<NWT, MT>(lane, [&](int w, int mt, int t8, int r, int, int) { acc[w][mt][t8][r] = 0.0f; });
 
-    // ldmatrix row addresses of this lane (rows past M read the zero chunk)
-    u32 a_addr[MT], a_mul[MT];                     // a_mul: 2 bytes a k (0: the zero chunk, no offset)
+    // ldmatrix row addresses of this lane at its first group. Tile rows past M read row rows - 1:
+    // an mma's row r of A makes only row r of its sums, and rows past M are never stored.
+    u32 a_addr[MT];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
-        const int r = mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-        a_addr[mt] = r < rows ? smem_addr(sA + r * lds + (gw0 - g0) * 32 + (lane >> 4) * 8) : smem_addr(sZero);
-        a_mul[mt] = r < rows ? 2u : 0u;
+        const int r = min(mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, rows - 1);
+        a_addr[mt] = smem_addr(sA + r * lds + (gw0 - g0) * 32 + (lane >> 4) * 8);
     }
 
     ring_walk<STAGES>(active ? n_st : 0, ring, WST, issue, [&](int i, const u8* stage) {
@@ -611,7 +620,7 @@ __device__ __forceinline__ void marlin_main(
             for (int ks = 0; ks < 2; ++ks) {
                 u32 af[MT][4];
 #pragma unroll
-                for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(af[mt], a_addr[mt] + (u32)(gi * 32 + ks * 16) * a_mul[mt]);
+                for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(af[mt], a_addr[mt] + (u32)(gi * 64 + ks * 32));
 #pragma unroll
                 for (int w = 0; w < NWT; ++w) {
                     const uint4 wq = *reinterpret_cast<const uint4*>(st + w * MARLIN_WSTAGE + ks * 512 + lane * 16);
@@ -660,11 +669,10 @@ __device__ __forceinline__ void marlin_main(
 
 template <int QT>
 struct DecGroup {
-    static constexpr int SCB = QT == 1 ? 256 : 128;          // a group's scale bytes in the gs section
     static constexpr int GB = 1024 + (QT == 0 ? 128 : (QT == 1 ? 256 : 384));   // one group in the ring
 };
 
-// This lane's column scales (and offsets) of one group, read from the ring (layout of copy_group
+// This lane's column scales (and offsets) of one group, read from the ring (layout of GroupStream
 // below) once and turned into f32 two at a time: slot i = 2 j + h is word j, column c0 (h = 0) / c1.
 template <int QT>
 struct DecScales {
@@ -701,7 +709,7 @@ __device__ __forceinline__ void marlin_dec_main(
         const float* norm_w, float eps, int norm, void* kc, void* vc, int* pc, const int* kslots,
         const int* kpos, int kv_f16, int kv_cap) {
     constexpr int NWT = GLU ? 2 : 1;
-    constexpr int GB = DecGroup<QT>::GB, SCB = DecGroup<QT>::SCB;
+    constexpr int GB = DecGroup<QT>::GB;
     constexpr int WST1 = GB * NWT;                 // one group of the warp's weights
     constexpr int WST = WST1 * GPS;                // one stage
     constexpr int MR = 8 * T;                      // rows of a tile
@@ -725,35 +733,9 @@ __device__ __forceinline__ void marlin_dec_main(
     sZero = reinterpret_cast<u8*>((reinterpret_cast<size_t>(sZero) + 15) & ~(size_t)15);
     float2* sRope = reinterpret_cast<float2*>(sZero + 16);         // [rows][n_rot / 2] when the plan ropes
 
-    // this warp's streams: byte offsets (from the weight's base) at its first group
-    const i64 qoff = ((i64)nt * (K / 16) + 2 * gw0) * 512 + lane * 16;
-    const i64 goff = L.gs + ((i64)nt * G + gw0) * SCB + lane * 16;
-    const i64 soff = L.ss + (i64)nt * (G / 8) * 256 + (lane - 8) * 16;
     const int n_st = (ng + GPS - 1) / GPS;
-    // Branch-free issue: every copy is predicated (a lane's scale copy on its lane, every copy on the
-    // group being in range), addresses are the stream offsets plus the group's stride.
-    const u32 ring_s = smem_addr(ring) + lane * 16;
-    const bool sc_lane = QT == 1 ? lane < 16 : lane < 8;
-    const bool ss_lane = QT == 2 && lane >= 8 && lane < 24;
-    auto issue = [&](int i, int slot) {
-#pragma unroll
-        for (int q = 0; q < GPS; ++q) {
-            const int gi = i * GPS + q;
-            const bool ok = active && gi < ng;
-#pragma unroll
-            for (int w = 0; w < NWT; ++w) {
-                const u8* Wp = w == 0 ? W : w1;
-                const u32 dst = ring_s + (u32)(slot * WST + q * WST1 + w * GB);
-                const u8* src = Wp + qoff + (i64)gi * 1024;
-                cp_async16_if(dst, src, ok);
-                cp_async16_if(dst + 512, src + 512, ok);
-                cp_async16_if(dst + 1024, Wp + goff + (i64)gi * SCB, ok && sc_lane);
-                // Q4_K: lanes 8..23 copy the superblock's d/dmin to 1024 + 128 + (lane - 8) * 16
-                if (QT == 2) cp_async16_if(dst + 1024, Wp + soff + (i64)((gw0 + gi) >> 3) * 256, ok && ss_lane);
-            }
-        }
-        cp_commit();
-    };
+    const GroupStream<QT, NWT, GPS, GB> stream(W, w1, L, nt, K, G, gw0, ng, active, ring, lane);
+    auto issue = [&](int i, int slot) { stream.issue(i, slot); };
 
     PDL_TRIGGER();
     issue(0, 0);                                   // weights: nothing before us writes them
