@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--type", default="Q4_0")
-    ap.add_argument("points", nargs="+", help="MxKxN:variant:kwsxslabs[,kwsxslabs...] ('default': the plan's choice)")
+    ap.add_argument("points", nargs="+", help="MxKxN:variant:kwsxslabs[,kwsxslabs...] ('default': the plan's "
+                    "choice of variant or split)")
     args = ap.parse_args(argv)
     os.environ.setdefault("GGFLAT_PDL", "0")
     import cupy as cp
@@ -37,8 +38,9 @@ def main(argv=None) -> None:
         for sp in splits.split(","):
             kws, slabs = (None, None) if sp == "default" else (int(v) for v in sp.split("x"))
             try:
-                t, p = bench_marlin(cp, mo, ws, M, K, stream, slabs=slabs, kws=kws, config=variant)
-                res.append(f"k{p.kws}s{p.slabs}={t * 1e6:.1f}")
+                t, p = bench_marlin(cp, mo, ws, M, K, stream, slabs=slabs, kws=kws,
+                                    config=None if variant == "default" else variant)
+                res.append(f"{p.variant} k{p.kws}s{p.slabs}={t * 1e6:.1f}")
             except ValueError as e:
                 res.append(f"{sp}=({e})")
         print(f"{args.type} {shape} {variant}: " + " ".join(res), flush=True)

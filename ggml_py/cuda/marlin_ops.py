@@ -154,10 +154,13 @@ def kv_fold_enabled() -> bool:
 
 
 def _config(M: int) -> str:
-    """The default kernel variant (without _glu) for M rows of A."""
+    """The default kernel variant (without _glu) for M rows of A. Above 16 rows m2 (32-row tiles,
+    128 registers: two CTAs a SM) in as many row tiles as needed: at 64 rows it measured faster than
+    m4's 64-row tiles (254 registers, one CTA a SM): 4096 x 14336 43.4 against 47.7 us, 14336 x 4096
+    52.9 against 66.0 (H100, 2026-11-24)."""
     if M <= 16 and dec_enabled():
         return "d1" if M <= 8 else "d2"
-    return "m1" if M <= 16 else ("m2" if M <= 32 else "m4")
+    return "m1" if M <= 16 else "m2"
 
 
 # compiled kernels (marlin.cu): name suffix -> (rows of A per tile, glu, pipeline stages, groups per
@@ -219,11 +222,13 @@ def choose_split(tiles: int, m_tiles: int, groups: int, rows: int, variant: str,
     tiles a CTA) and across CTAs (slabs, reduced in a cluster or through global partials).
 
     Cost, in units of one warp's group: the groups a warp streams times the waves of CTAs (a wave
-    = one CTA per SM: one CTA of 8 warps already draws an SM's share of the bandwidth), plus the
-    reductions: per partial row and slab 0.15 through global memory, 0.02 through a cluster's shared
-    memory; (0.3 + 0.05 rows) per k-warp for the reduction inside a CTA.
+    = one CTA per SM for up to 16 rows: one CTA of 8 warps already draws an SM's share of the
+    bandwidth; above 16 rows, where the mma-B kernels are bound by instruction latency, every CTA
+    resident at once: 64 x 4096 x 14336 on m2 k1s4, two CTAs a SM, 43.4 us against k1s2's 47.9),
+    plus the reductions: per partial row and slab 0.15 through global memory, 0.02 through a
+    cluster's shared memory; (0.3 + 0.05 rows) per k-warp for the reduction inside a CTA.
     Among the splits whose CTAs are all resident at once (or the first that fits in shared memory).
-    Fitted to the sweeps of benchmarks/bench_marlin.py --sweep (H100, 2026-11-24)."""
+    Fitted to the sweeps of benchmarks/bench_marlin.py --sweep and bench_points.py (H100, 2026-11-24)."""
     best, best_cost = None, None
     for kws in (1, 2, 4, 8):
         if kws > 1 and rows > 16:
@@ -238,11 +243,17 @@ def choose_split(tiles: int, m_tiles: int, groups: int, rows: int, variant: str,
             if smem > SMEM_LIMIT:
                 continue
             ctas = per_slab * s
-            if found and ctas > sms * _ctas_per_sm(regs, smem):
+            resident = _ctas_per_sm(regs, smem)
+            if found and ctas > sms * resident:
+                if rows > 16:                      # (more slabs shrink the A window: more may fit)
+                    continue
                 break                              # more CTAs than fit at once: only worse from here
             found = True
             red = 0.0 if s == 1 else (_RED_CLUSTER if _use_cluster(s, rows, kws) else _RED_COST) * rows * s
-            cost = (groups / (s * kws)) * -(-ctas // sms) + red + (_RED_CTA + 0.05 * rows) * kws * (kws > 1)
+            # a wave: one CTA a SM -- or, above 16 rows (the mma-B kernels, latency-bound: two resident
+            # CTAs of half the work each finish sooner than one), as many CTAs as are resident at once
+            waves = -(-ctas // (sms * (resident if rows > 16 else 1)))
+            cost = (groups / (s * kws)) * waves + red + (_RED_CTA + 0.05 * rows) * kws * (kws > 1)
             if best_cost is None or cost < best_cost - 1e-9:
                 best, best_cost = (kws, s), cost
     return best or (1, groups)
