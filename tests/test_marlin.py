@@ -133,6 +133,20 @@ def test_split_override(monkeypatch):
         mo._split_override(4096, 4096, False, 1)
 
 
+def test_default_variants_and_splits(monkeypatch):
+    """The kernel for M rows and the splits the cost model picks for the shapes it was fitted on:
+    above 16 rows m2 in 32-row tiles with as many slabs as keep two CTAs a SM resident (64 x 4096 x
+    14336: k1s4; 64 x 14336 x 4096: k1s16, measured best); the decode gate/up pair unchanged (k1s9)."""
+    from ggml_py.cuda import marlin_ops as mo
+    monkeypatch.delenv("GGFLAT_MARLIN_DEC", raising=False)
+    assert [mo._config(m) for m in (1, 8, 9, 16, 17, 32, 64, 100)] == ["d1"] * 2 + ["d2"] * 2 + ["m2"] * 4
+    monkeypatch.setenv("GGFLAT_MARLIN_DEC", "0")
+    assert mo._config(16) == "m1" and mo._config(64) == "m2"
+    assert mo.choose_split(224, 2, 128, 32, "m2", 128, 132) == (1, 4)
+    assert mo.choose_split(64, 2, 448, 32, "m2", 128, 132) == (1, 16)
+    assert mo.choose_split(224, 1, 128, 1, "d1_glu", 128, 132) == (1, 9)
+
+
 def test_eligibility():
     from ggml_py.cuda import marlin_ops as mo
     assert mo.eligible(2, (4096, 4096)) and mo.eligible(12, (10, 256))
