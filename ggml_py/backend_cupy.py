@@ -20,10 +20,10 @@ How a graph runs (ggml_py/cuda/DESIGN.md has the interfaces between the pieces):
   (only the product is written). Level 2 also folds a residual ``add`` into the launch of
   the mul_mat it reads (o, down) and the ``rms_norm`` before a group into the group's
   launch; a ``kv_store`` of a q/k/v launch's k and v goes into that launch when it can write
-  the cache (``_kv_folds``: Marlin decode kernels). Such a region's nodes are moved next to each other in the live list before
-  buffers are placed (still a topological order), and what the launch reads stays
-  allocated until its last node. SmolLM2-135M Q4_1 (synthetic) decode step on an H100, run()
-  wall time: level 0 395 launches 1.21 ms, level 1 245 launches 0.93 ms, level 2 (the
+  the cache (``_kv_folds``: Marlin decode kernels). Such a region's nodes are moved next to
+  each other in the live list before buffers are placed (still a topological order), and what
+  the launch reads stays allocated until its last node. SmolLM2-135M Q4_1 (synthetic) decode
+  step on an H100, run() wall time: level 0 395 launches 1.21 ms, level 1 245 launches 0.93 ms, level 2 (the
   default) 186 launches 0.78 ms.
 - ``run`` copies the inputs into the pinned block (NumPy), then: one async H2D copy,
   the steps, one async D2H copy per output, one synchronize. The first run of a plan
@@ -404,7 +404,8 @@ class _Region:
         self.norm: Tensor | None = None
         self.pos = next(iter(self.ropes.values()))[1].src[1] if self.ropes else None
         self.resid = None
-        self.kv: Tensor | None = None          # a kv_store of k and v this launch also does (mm_group)
+        self.kv: Tensor | None = None          # a kv_store of k and v this launch can also do (mm_group)
+        self.kv_done = False                   # ... and does: the launch was emitted with it
         if add is not None:
             self.resid = add.src[1] if add.src[0] is members[0] else add.src[0]
 
@@ -682,7 +683,7 @@ class CupyBackend(Backend):
                 plan.fusions[rg.kind] = plan.fusions.get(rg.kind, 0) + 1
                 if rg.norm is not None:
                     plan.fusions["mm_norm"] = plan.fusions.get("mm_norm", 0) + 1
-                if rg.kv is not None:
+                if rg.kv_done:
                     plan.fusions["mm_kv_store"] = plan.fusions.get("mm_kv_store", 0) + 1
                 continue
             nxt = live[i + 1] if i + 1 < len(live) else None
@@ -697,7 +698,7 @@ class CupyBackend(Backend):
                 plan.n_fused += 1
                 plan.fusions[t.op + "_pair"] = plan.fusions.get(t.op + "_pair", 0) + 1
                 continue
-            if t.index in kv_folded:                   # written by its q/k/v launch
+            if t.index in kv_folded and kv_folded[t.index].kv_done:    # written by its q/k/v launch
                 continue
             if math.prod(t.shape) == 0 and t.op != "kv_store":
                 continue
@@ -1137,13 +1138,15 @@ class CupyBackend(Backend):
         def make(st: CupyKVStorage) -> Step:
             return gplan.bind(x, bufs, stream, kv=(st.k[layer], st.v[layer], st.pos[layer], S, P), **kw)
         self._emit_kv(b, make)
+        rg.kv_done = True
         return True
 
-    def _kv_folds(self, b: _Builder, live: list[Tensor], regions: list[_Region]) -> set[int]:
+    def _kv_folds(self, b: _Builder, live: list[Tensor], regions: list[_Region]) -> dict[int, _Region]:
         """The kv_store nodes whose k and v are the k and v outputs (through reshapes) of a q/k/v
         launch that can write the cache itself (quant_ops: a Marlin decode launch over the whole
-        k range), their slots and positions graph inputs: each is given to its region (rg.kv) and
-        left out of the steps. The unfused k and v outputs are still written."""
+        k range), their slots and positions graph inputs, each with its region (rg.kv): when the
+        region runs as one launch (rg.kv_done) the kv_store is left out of the steps, else it runs
+        as usual. The unfused k and v outputs are still written."""
         out_of: dict[int, tuple[_Region, int]] = {}
         for rg in regions:
             if rg.kind == "mm_group" and len(rg.members) == 3 and getattr(rg.gplan, "kv_fold_ok", False):
@@ -1154,7 +1157,7 @@ class CupyBackend(Backend):
             while t.op == "reshape":
                 t = t.src[0]
             return t
-        folded: set[int] = set()
+        folded: dict[int, _Region] = {}
         for t in live:
             if t.op != "kv_store" or not out_of:
                 continue
@@ -1164,7 +1167,7 @@ class CupyBackend(Backend):
                     or self._input_root(b, slots) is None or self._input_root(b, pos) is None):
                 continue
             ka[0].kv = t
-            folded.add(t.index)
+            folded[t.index] = ka[0]
         return folded
 
     def _kv_slot_check(self, b: _Builder, t: Tensor) -> None:
