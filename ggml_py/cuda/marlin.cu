@@ -5,29 +5,27 @@
 //
 //   out[m, n] = sum_k A[m, k] * W[n, k]        A: (M, K) f32 or f16, W: (N, K) 4-bit, out f32
 //
-// Two kernels share the layout, the work partitioning and the epilogue: marlin_main (weights as the
-// mma's B operand, 16-64 rows of A, M > 16) and marlin_dec_main (weights as A, 8-16 rows, decode;
-// see its comment). What follows describes marlin_main.
+// Two kernels share the layout, the work partitioning, the cp.async stream and the epilogue:
+// marlin_main (weights as the mma's B operand, 16-row tiles of A: M > 16) and marlin_dec_main
+// (weights as the A operand, 8-row tiles: M <= 16, decode; see its comment).
 //
-// Kernel shape. A CTA is 8 warps = NWN warps along n (each owns one 64-column tile) x NWK = 8/NWN
-// warps along k (each takes every NWK-th 32-element group of the CTA's k range), and 16*MT rows
-// of A. The CTA walks its k range in stages of NWK groups through a STAGES-deep cp.async ring:
-// per stage, warp (wn, wk) copies its 1 KB of codes (two k-steps x 32 lanes x 16 bytes: each
-// lane's 16 bytes ARE its four B fragments) and the group's scales; the whole CTA copies the
-// stage's A slice (only the valid rows). A fragments come from shared memory through ldmatrix
-// (f16 A) or, for f32 A (the engine's activations, decode), as float2 pairs converted in
-// registers. Codes become f16x2 with the 0x6400 exponent trick (one lop3 per pair of values) and
-// one fma/mul with the group scale; mma.sync.m16n8k16 accumulates in f32.
+// Work. Every warp owns one 64-column tile of one weight and a contiguous run of its 32-element
+// k groups, which it streams through a warp-private cp.async ring (GroupStream; no CTA-wide
+// barrier in the loop). A CTA is 8 warps: 8 / kws tiles, kws warps sharing each tile's k range.
+// grid = (tiles / (8 / kws), slabs, row tiles): the slabs split K across CTAs. A CTA first stages
+// its slab's A window in shared memory as f16 (f32 activations are converted there, so decode
+// needs no cast launch), read with ldmatrix. marlin_main turns codes into f16x2 with the 0x6400
+// exponent trick (one lop3 per pair of values) and a sub/fma and a mul by the group scale; each
+// lane's 16-byte word of the layout IS its four B fragments.
 //
-// Partitioning. grid.x = (tile groups of all weights) x splits, grid.y = row tiles. A split
-// takes a contiguous 1/splits of the k groups; with splits > 1 (or a gate/up pair) each CTA
-// writes its partial tile to `part` and bumps a per-tile ticket; the CTA that arrives last sums
-// the partials (L2 reads), applies the epilogue and resets the ticket (so a captured CUDA
-// graph can replay). The host picks splits so that the grid fills the 132 SMs (marlin_ops.py).
-//
-// Epilogues (mode): 0 store; 1 swiglu / 2 geglu of the (gate = weight 0, up = weight 1) pair,
-// one output; 3 add a residual (one weight). Up to three weights of one type and K share a
-// launch (q/k/v); each has its own output.
+// Reduction and epilogue (marlin_finish). The kws warps of a tile reduce in shared memory; slabs
+// reduce through a thread-block cluster's distributed shared memory (2-16 CTAs) or through
+// partials in global memory and a per-tile ticket: the warp that arrives last sums them, applies
+// the epilogue and resets the ticket (so a captured CUDA graph can replay). The host picks kws,
+// slabs and the cluster (marlin_ops.py). Epilogues (mode): 0 store; 1 swiglu / 2 geglu of the
+// (gate = weight 0, up = weight 1) pair, one output; 3 add a residual (one weight). Up to three
+// weights of one type and K share a launch (q/k/v), each with its own output; the decode kernel
+// can also fold in the rms_norm of A, the ropes of q and k, and the KV-cache write of k and v.
 
 #include <cuda_fp16.h>
 
