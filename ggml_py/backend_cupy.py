@@ -1152,6 +1152,8 @@ class CupyBackend(Backend):
             if rg.kind == "mm_group" and len(rg.members) == 3 and getattr(rg.gplan, "kv_fold_ok", False):
                 for g, o in enumerate(rg.outputs()):
                     out_of[o.index] = (rg, g)
+        if not out_of:
+            return {}
 
         def strip(t: Tensor) -> Tensor:
             while t.op == "reshape":
@@ -1159,7 +1161,7 @@ class CupyBackend(Backend):
             return t
         folded: dict[int, _Region] = {}
         for t in live:
-            if t.op != "kv_store" or not out_of:
+            if t.op != "kv_store":
                 continue
             _, k, v, slots, pos = t.src
             ka, va = out_of.get(strip(k).index), out_of.get(strip(v).index)

@@ -516,7 +516,6 @@ class MarlinPlan:
             raise RuntimeError("Marlin: cluster launches need the CUDA driver function (cupy Function)")
         return lambda: kern(grid, (THREADS,), args, smem, cs)
 
-
     def _kv_args(self, kv) -> tuple:
         """The kernel arguments of a folded KV-cache write (or of none)."""
         if kv is None:
