@@ -17,7 +17,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--type", default="Q4_0")
     ap.add_argument("points", nargs="+", help="MxKxN:variant:kwsxslabs[,kwsxslabs...] ('default': the plan's "
-                    "choice of variant or split)")
+                    "choice of variant or split; for the warpgroup variants w16/w32/w64, tiles-a-CTA x slabs)")
     args = ap.parse_args(argv)
     os.environ.setdefault("GGFLAT_PDL", "0")
     import cupy as cp
@@ -40,7 +40,8 @@ def main(argv=None) -> None:
             try:
                 t, p = bench_marlin(cp, mo, ws, M, K, stream, slabs=slabs, kws=kws,
                                     config=None if variant == "default" else variant)
-                res.append(f"{p.variant} k{p.kws}s{p.slabs}={t * 1e6:.1f}")
+                split = f"t{p.tpc}s{p.slabs}" if p.wg else f"k{p.kws}s{p.slabs}"
+                res.append(f"{p.variant} {split}={t * 1e6:.1f}")
             except ValueError as e:
                 res.append(f"{sp}=({e})")
         print(f"{args.type} {shape} {variant}: " + " ".join(res), flush=True)

@@ -49,6 +49,21 @@ def test_nvcc_compiles(cu, tmp_path):
         warnings.warn(f"{cu.name} spills registers: " + "; ".join(spills))
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_nvcc_compiles_marlin_sm90a(tmp_path):
+    """marlin.cu as the backend builds it on Hopper (sm_90a: its warpgroup kernels' wgmma); ptxas must
+    not serialize the wgmmas (the C751x/C752x notes), which would make those kernels several times slower."""
+    cu = CUDA_DIR / "marlin.cu"
+    out = tmp_path / "marlin.cubin"
+    p = subprocess.run(["nvcc", "-arch=sm_90a", "--cubin", "-std=c++17", "-Xptxas", "-v", "-o", str(out), str(cu)],
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, f"nvcc -arch=sm_90a failed on marlin.cu:\n{p.stderr[-4000:]}"
+    serialized = [ln for ln in p.stderr.splitlines() if "wgmma" in ln and "serialized" in ln]
+    assert not serialized, "\n".join(serialized[:5])
+    spills = re.findall(r"Compiling entry function '(marlin_q4_\w+_w\d+\w*)'.*?(\d+) bytes spill stores", p.stderr, re.S)
+    assert not [name for name, n in spills if int(n)], spills
+
+
 @pytest.mark.parametrize("cu", CU_FILES, ids=lambda p: p.name)
 def test_nvrtc_compiles(cu):
     from ggml_py.backend_cupy import unavailable_reason

@@ -245,6 +245,51 @@ def test_gemm_configs_and_slabs(cp, mo, t):
                     assert e <= NMSE, f"{TYPES[t]} config {config} M={M} slabs={slabs} kws={kws} seed {seed}: {e:.3g}"
 
 
+@pytest.mark.parametrize("t", TYPES, ids=TYPES.get)
+def test_gemm_warpgroup(cp, mo, t):
+    """The warpgroup (wgmma) kernels, sm_90 only: every tile height x M (padding rows, several row
+    tiles) x f32 / f16 A x (tiles a CTA, slabs) -- one slab (stores), several (partials + tickets),
+    twice in a row (the tickets reset) -- for one weight, q/k/v-style groups and the residual add."""
+    if not mo.wg_available():
+        pytest.skip("the warpgroup kernels need an sm_90 GPU")
+    seed = _seed()
+    rng = np.random.default_rng(seed)
+    K = 1024
+    shapes = [(333, K), (64, K), (130, K)]
+    raws = [_raw(rng, t, s) for s in shapes]
+    refs = [dequantize(r, t, s).astype(np.float64) for r, s in zip(raws, shapes)]
+    ws = [_marlin(cp, mo, t, r, s) for r, s in zip(raws, shapes)]
+    for variant in ("w16", "w32", "w64"):
+        for M in (1, 9, 16, 17, 40, 64, 100):
+            a = rng.standard_normal((M, K)).astype(np.float32)
+            a64 = a.astype(np.float16).astype(np.float64)
+            for split in (None, (1, 1), (2, 1), (3, 2), (1, 5), (6, K // 64)):
+                tpc, slabs = split or (None, None)
+                a_dtype = "f16" if split is None or split[1] > 1 else "f32"
+                ad = cp.asarray(a.astype(np.float16) if a_dtype == "f16" else a)
+                p = mo.plan_gemm(ws, M, a_dtype=a_dtype, config=variant, slabs=slabs, kws=tpc)
+                for _ in range(2):
+                    outs = [cp.full((M, s[0]), np.nan, cp.float32) for s in shapes]
+                    p(ad, outs)
+                    for o, r in zip(outs, refs):
+                        e = _nmse(cp.asnumpy(o), a64 @ r.T)
+                        assert e <= NMSE, (f"{TYPES[t]} {variant} M={M} {a_dtype} tpc={p.tpc} slabs={p.slabs} "
+                                           f"seed {seed}: {e:.3g}")
+            for slabs in (1, 4):
+                r0 = rng.standard_normal((M, shapes[1][0])).astype(np.float32)
+                out = cp.asarray(r0)
+                mo.plan_gemm([ws[1]], M, residual=True, a_dtype="f16", config=variant, slabs=slabs, kws=1)(
+                    cp.asarray(a.astype(np.float16)), [out], resid=out)
+                e = _nmse(cp.asnumpy(out), a64 @ refs[1].T + r0)
+                assert e <= NMSE, f"{TYPES[t]} {variant} residual M={M} slabs={slabs} seed {seed}: {e:.3g}"
+    if t == 2:
+        # the A window's descriptor: with its two strides swapped the tensor cores read another matrix
+        a = rng.standard_normal((16, K)).astype(np.float16)
+        out = cp.zeros((16, shapes[1][0]), cp.float32)
+        mo.plan_gemm([ws[1]], 16, a_dtype="f16", config="w16_x", slabs=1, kws=1)(cp.asarray(a), [out])
+        assert _nmse(cp.asnumpy(out), a.astype(np.float64) @ refs[1].T) > 1e-2
+
+
 def _silu(x):
     return x / (1.0 + np.exp(-x))
 

@@ -947,6 +947,418 @@ __device__ __forceinline__ void marlin_dec_main(
     }, smem, warp, lane, t, active, sub, g, nt, N);
 }
 
+// -- the warpgroup kernel (sm_90a, 9..64 rows): wgmma with the weights in registers ---------------
+// wgmma.m64nNk16 computes out^T (64 weight columns x NB rows of A) of one 64-column tile per k-step
+// on the four warps of a warpgroup: warp w's A operand is the 16 x 16 fragment of columns 16 w ..
+// 16 w + 15, which is word w of every lane's 16-byte word of the layout, dequantized in registers
+// (dequant_word, f16, the group scale applied: (q - 8) s or q s + m, as marlin_main does); its B
+// operand is act^T, read by the tensor cores straight from the CTA's A window in shared memory (the
+// canonical K-major layout without swizzle: 8 x 8 core matrices of 128 contiguous bytes, the 8 rows
+// of a k chunk at SBO = 128 bytes, k chunks at LBO = NB * 16 bytes). Accumulators: NB / 2 f32 a
+// thread (32 at 64 rows, against m4's 128), so two warpgroups and the rings fit on every SM.
+// Work: a CTA (two warpgroups) stages one k-slab's A window once and serves a run of tiles: warpgroup
+// wg takes tiles tb + wg, tb + wg + 2, ..., streaming them back to back through its own cp.async
+// ring (a named barrier per stage, nothing CTA-wide in the loop). A tile's sums are stored (one slab)
+// or written as partials and summed by the warpgroup that takes the tile's ticket last, as in
+// marlin_finish. Epilogues: store and residual add (modes 0 and 3). Without sm_90a features
+// (plain sm_90 builds: the nvcc test) the kernel body is empty; the host uses it on sm_90a only.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define MARLIN_HAVE_WGMMA 1
+#endif
+
+// d (NB / 2 f32, wgmma's D fragment) = a (A fragment, 4 x f16x2) x B (shared memory descriptor) [+ d when
+// acc != 0: the first k-step of a tile overwrites, so no instruction outside the wgmmas writes d]
+template <int NB> struct Wgmma;
+#define WG_D4(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
+#define WG_A "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(acc)
+template <> struct Wgmma<16> {
+    static __device__ __forceinline__ void run(float* d, const u32* a, unsigned long long b, int acc) {
+#ifdef MARLIN_HAVE_WGMMA
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7}, "
+                     "{%8,%9,%10,%11}, %12, p, 1, 1, 0;\n}\n"
+                     : WG_D4(0), WG_D4(4) : WG_A);
+#endif
+    }
+};
+template <> struct Wgmma<32> {
+    static __device__ __forceinline__ void run(float* d, const u32* a, unsigned long long b, int acc) {
+#ifdef MARLIN_HAVE_WGMMA
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,"
+                     "%11,%12,%13,%14,%15}, {%16,%17,%18,%19}, %20, p, 1, 1, 0;\n}\n"
+                     : WG_D4(0), WG_D4(4), WG_D4(8), WG_D4(12) : WG_A);
+#endif
+    }
+};
+template <> struct Wgmma<64> {
+    static __device__ __forceinline__ void run(float* d, const u32* a, unsigned long long b, int acc) {
+#ifdef MARLIN_HAVE_WGMMA
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,"
+                     "%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
+                     "{%32,%33,%34,%35}, %36, p, 1, 1, 0;\n}\n"
+                     : WG_D4(0), WG_D4(4), WG_D4(8), WG_D4(12), WG_D4(16), WG_D4(20), WG_D4(24), WG_D4(28)
+                     : WG_A);
+#endif
+    }
+};
+#undef WG_D4
+#undef WG_A
+
+__device__ __forceinline__ void wg_fence() {
+#ifdef MARLIN_HAVE_WGMMA
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wg_commit() {
+#ifdef MARLIN_HAVE_WGMMA
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void wg_wait() {
+#ifdef MARLIN_HAVE_WGMMA
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory");
+#endif
+}
+// the 128 threads of warpgroup wg (named barrier 1 + wg; 0 is __syncthreads)
+__device__ __forceinline__ void wg_bar(int wg) { asm volatile("bar.sync %0, 128;\n" :: "r"(1 + wg) : "memory"); }
+
+// the shared-memory matrix descriptor of a K-major, unswizzled operand at byte address addr
+__device__ __forceinline__ unsigned long long wg_desc(u32 addr, u32 lbo, u32 sbo) {
+    return (unsigned long long)((addr & 0x3FFFFu) >> 4) | ((unsigned long long)(lbo >> 4) << 16) |
+           ((unsigned long long)(sbo >> 4) << 32);
+}
+
+// A lane's scales (and offsets) of word w of one group, as f16x2 pairs for dequant_word: slot 2 w
+// (column c0 = 16 w + lane / 4) and 2 w + 1 (c1 = c0 + 8). gs: the group's chunk of the gs section,
+// ss: Q4_K's superblock chunk (d, dmin).
+template <int QT>
+__device__ __forceinline__ void wg_scales(const u8* gs, const u8* ss, int lane, int w, half2& s0, half2& m0,
+                                          half2& s1, half2& m1) {
+    const int q = lane >> 2;
+    if (QT == 2) {
+        const u8* b = gs + q * 16 + 2 * w;                               // sc at slot, min at 8 + slot
+        const half2 dd = *reinterpret_cast<const half2*>(ss + q * 32 + 4 * w);
+        const half2 dm = *reinterpret_cast<const half2*>(ss + q * 32 + 16 + 4 * w);
+        const float2 df = __half22float2(dd), mf = __half22float2(dm);
+        s0 = __float2half2_rn(df.x * (float)b[0]);
+        s1 = __float2half2_rn(df.y * (float)b[1]);
+        m0 = __float2half2_rn(-(mf.x * (float)b[8]));
+        m1 = __float2half2_rn(-(mf.y * (float)b[9]));
+    } else {
+        const half2 s = *reinterpret_cast<const half2*>(gs + q * 16 + 4 * w);
+        s0 = __low2half2(s);
+        s1 = __high2half2(s);
+        if (QT == 1) {
+            const half2 m = *reinterpret_cast<const half2*>(gs + 128 + q * 16 + 4 * w);
+            m0 = __low2half2(m);
+            m1 = __high2half2(m);
+        } else {
+            m0 = m1 = __float2half2_rn(0.0f);
+        }
+    }
+}
+
+// mbarriers and bulk copies (the tensor memory accelerator's plain 1-D copies): a stage of the ring is
+// a few contiguous runs of the layout, each one cp.async.bulk that counts its bytes on the barrier
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    u32 ok = 0;
+    while (!ok)
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(ok) : "r"(bar), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u32 bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+                 :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+}
+
+template <int QT, int NB, int NWG, int STAGES, int GPS, bool SWAP = false>
+__device__ __forceinline__ void marlin_wg_main(
+        const u8* __restrict__ w0, const u8* __restrict__ w1, const u8* __restrict__ w2,
+        float* o0, float* o1, float* o2, int N0, int N1, int N2, int t1, int t2, int t3,
+        const void* __restrict__ Av, int a_f16, int M, int K, int lda,
+        const float* resid, int mode, int slabs, int kws, int cluster, float* part, u32* tickets,
+        const int* pos, int rope_mask, int hd, int n_rot, float theta_scale, float freq_scale,
+        const float* norm_w, float eps, int norm, void* kc, void* vc, int* pc, const int* kslots,
+        const int* kpos, int kv_f16, int kv_cap) {
+#ifdef MARLIN_HAVE_WGMMA
+    constexpr int SCB = QT == 1 ? 256 : 128;       // a group's bytes in the gs section
+    constexpr int CB = GPS * 1024, SB = GPS * SCB; // a stage: GPS groups' codes, their gs chunks,
+    constexpr int WST = CB + SB + (QT == 2 ? 256 : 0);   // and (Q4_K) their superblock's d/dmin
+    constexpr int ND = NB / 2;                     // accumulators a thread
+    constexpr int NT = 128 * NWG;
+    static_assert(8 % GPS == 0, "a stage's groups lie in one Q4_K superblock");
+    // (the warpgroup and warp indices through a shuffle: values the compiler then knows to be warp-uniform,
+    // so that the wgmmas below are not serialized as if they sat on divergent paths)
+    const int tid = threadIdx.x, wt = tid & 127, lane = tid & 31;
+    const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0), wl = __shfl_sync(0xffffffffu, wt >> 5, 0);
+    const int y = blockIdx.y, G = K / 32;
+    const int GU = G / GPS;                        // (the host makes G a multiple of GPS: slabs of whole stages)
+    const int g0 = GPS * (int)((i64)y * GU / slabs), ngc = GPS * (int)((i64)(y + 1) * GU / slabs) - g0;
+    const int kw = ngc * 32;
+    const int m0 = blockIdx.z * NB, rows = min(M - m0, NB);
+    const int tpc = (t3 + gridDim.x - 1) / gridDim.x;                    // tiles of this CTA
+    const int tb = blockIdx.x * tpc, te = min(tb + tpc, t3);
+    const int my_tiles = te - tb > wg ? (te - tb - wg + NWG - 1) / NWG : 0;   // tb + wg, tb + wg + NWG, ...
+    const int n_st = ngc / GPS;                    // stages a tile
+    const int total = my_tiles * n_st;
+
+    extern __shared__ uint4 smem4[];
+    u8* smem = reinterpret_cast<u8*>(smem4);
+    u8* ring = smem + wg * STAGES * WST;
+    u8* sA = smem + NWG * STAGES * WST;            // the A window: NB rows x kw, core matrices
+    __shared__ u32 s_last[NWG];
+    __shared__ __align__(8) unsigned long long s_full[NWG][STAGES];   // a stage has landed
+
+    auto tile_of = [&](int t, const u8*& W, int& N, int& nt, int& g) {
+        g = t < t1 ? 0 : (t < t2 ? 1 : 2);
+        nt = t - (g == 0 ? 0 : (g == 1 ? t1 : t2));
+        W = g == 0 ? w0 : (g == 1 ? w1 : w2);
+        N = g == 0 ? N0 : (g == 1 ? N1 : N2);
+    };
+    // The producer: thread 0 of each warpgroup issues the warpgroup's stream, one stage a call (tile
+    // ti_in, stage si_in of it), into ring slot `slot`: the codes, gs and ss runs as bulk copies. Its
+    // state lives in shared memory, so that the other threads hold no registers for it.
+    struct Producer {
+        const u8 *c, *g, *s;                       // the tile's codes, gs and ss runs at the slab's start
+        int ti, si;
+    };
+    __shared__ Producer s_prod[NWG];
+    const u32 ring_s = smem_addr(ring), full_s = smem_addr(&s_full[wg][0]);
+    auto set_tile = [&](Producer& P) {
+        if (P.ti >= my_tiles) return;
+        const u8* W;
+        int N, nt, g;
+        tile_of(tb + wg + NWG * P.ti, W, N, nt, g);
+        const Layout L = layout_of<QT>(N, K);
+        P.c = W + ((i64)nt * (K / 16) + 2 * g0) * 512;
+        P.g = W + L.gs + ((i64)nt * G + g0) * SCB;
+        P.s = W + L.ss + (i64)nt * (G / 8) * 256;
+    };
+    auto issue = [&](int slot) {
+        Producer P = s_prod[wg];
+        if (P.ti >= my_tiles) return;
+        const u32 bar = full_s + 8u * slot, dst = ring_s + (u32)(slot * WST);
+        const i64 gs = (i64)P.si * GPS;
+        mbar_expect(bar, WST);
+        bulk_copy(dst, P.c + gs * 1024, CB, bar);
+        bulk_copy(dst + CB, P.g + gs * SCB, SB, bar);
+        if (QT == 2) bulk_copy(dst + CB + SB, P.s + (i64)((g0 + gs) >> 3) * 256, 256, bar);
+        if (++P.si == n_st) {
+            P.si = 0;
+            ++P.ti;
+            set_tile(P);
+        }
+        s_prod[wg] = P;
+    };
+
+    {
+        u32 dyn;                                   // (the host's shared memory size against this kernel's needs)
+        asm("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(dyn));
+        if ((u32)(NWG * STAGES * WST + NB * kw * 2) > dyn) __trap();
+    }
+    PDL_TRIGGER();
+    if (wt == 0) {
+#pragma unroll
+        for (int i = 0; i < STAGES; ++i) mbar_init(full_s + 8u * i, 1);
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");   // the barriers, to the copy engine
+        Producer P{nullptr, nullptr, nullptr, 0, 0};
+        set_tile(P);
+        s_prod[wg] = P;
+#pragma unroll
+        for (int i = 0; i < STAGES - 2; ++i) issue(i);   // weights: nothing before us writes them
+    }
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+
+    // The A window: 16-byte chunks (8 k of one row); lanes 8 apart take the 8 rows of one core matrix
+    // (conflict-free stores), the next k chunk goes to the next 8 lanes (reads of 32-byte sectors).
+    // f16 A goes in by cp.async (every chunk in flight at once), f32 A four chunks a thread at a time.
+    {
+        const int cpr = kw / 8, n = NB * cpr;
+        auto chunk = [&](int c, int& r, i64& off) -> u32 {
+            const int r8 = c & 7, rest = c >> 3;
+            const int rb = rest / cpr, q = rest - rb * cpr;
+            r = rb * 8 + r8;
+            off = (i64)(m0 + r) * lda + (i64)g0 * 32 + q * 8;
+            return (u32)((q * (NB / 8) + rb) * 128 + r8 * 16);
+        };
+        if (a_f16) {
+            const u32 a0 = smem_addr(sA);
+            for (int c = tid; c < n; c += NT) {
+                int r;
+                i64 off;
+                const u32 d = chunk(c, r, off);
+                if (r < rows) cp_async16_if(a0 + d, reinterpret_cast<const half*>(Av) + off, true);
+                else *reinterpret_cast<uint4*>(sA + d) = make_uint4(0, 0, 0, 0);
+            }
+            cp_commit();
+            cp_wait<0>();
+        } else {
+            for (int c0 = tid; c0 < n; c0 += 4 * NT) {
+                float4 f[4][2];
+                u32 d[4];
+                bool ok[4];
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                    int r;
+                    i64 off;
+                    const int c = c0 + u * NT;
+                    d[u] = chunk(c < n ? c : c0, r, off);
+                    ok[u] = c < n && r < rows;
+                    const float4* src = reinterpret_cast<const float4*>(reinterpret_cast<const float*>(Av) + off);
+                    f[u][0] = ok[u] ? src[0] : make_float4(0.f, 0.f, 0.f, 0.f);
+                    f[u][1] = ok[u] ? src[1] : make_float4(0.f, 0.f, 0.f, 0.f);
+                }
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                    if (c0 + u * NT >= n) break;
+                    uint4 v;
+                    v.x = h2u(__floats2half2_rn(f[u][0].x, f[u][0].y));
+                    v.y = h2u(__floats2half2_rn(f[u][0].z, f[u][0].w));
+                    v.z = h2u(__floats2half2_rn(f[u][1].x, f[u][1].y));
+                    v.w = h2u(__floats2half2_rn(f[u][1].z, f[u][1].w));
+                    *reinterpret_cast<uint4*>(sA + d[u]) = v;
+                }
+            }
+        }
+    }
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");   // the window, to the tensor cores
+    __syncthreads();                               // (and the barriers' initialisation, to every thread)
+
+    const u32 lbo = SWAP ? 128u : (u32)(NB * 16), sbo = SWAP ? (u32)(NB * 16) : 128u;
+    // the window's descriptor at k-step 0; k-step j adds j NB 32 bytes to its address field (>> 4)
+    const unsigned long long desc0 = wg_desc(smem_addr(sA), lbo, sbo);
+    float acc[ND];
+#pragma unroll
+    for (int i = 0; i < ND; ++i) acc[i] = 0.0f;    // (never read before a tile's first wgmma overwrites it)
+
+    // Step i: thread 0 refills the slot of stage i - 2 (free: its wgmmas, which needed every warp's
+    // fragments of it, are complete) with stage i + STAGES - 2; the warpgroup waits for stage i,
+    // dequantizes it into fa while stage i - 1's wgmmas run, and commits its wgmmas as one group.
+    int slot = 0, ti = 0, si = 0;                  // the ring slot, tile and stage being computed
+    u32 phase = 0;
+    auto step = [&](u32 (&fa)[GPS][2][4]) {
+        if (wt == 0) issue(slot >= 2 ? slot - 2 : slot + STAGES - 2);
+        mbar_wait(full_s + 8u * slot, phase);
+        const u8* stage = ring + slot * WST;
+        if (++slot == STAGES) {
+            slot = 0;
+            phase ^= 1u;
+        }
+#pragma unroll
+        for (int q = 0; q < GPS; ++q) {
+            half2 s0, m0v, s1, m1v;
+            wg_scales<QT>(stage + CB + q * SCB, stage + CB + SB, lane, wl, s0, m0v, s1, m1v);
+#pragma unroll
+            for (int ks = 0; ks < 2; ++ks) {
+                const u32 word = *reinterpret_cast<const u32*>(stage + q * 1024 + ks * 512 + lane * 16 + wl * 4);
+                u32 b[4];
+                dequant_word<QT>(word, s0, m0v, s1, m1v, b);
+                fa[q][ks][0] = b[0]; fa[q][ks][1] = b[2]; fa[q][ks][2] = b[1]; fa[q][ks][3] = b[3];
+            }
+        }
+        wg_fence();
+        const unsigned long long dstage = desc0 + (unsigned long long)(si * GPS * 2 * NB * 2);
+#pragma unroll
+        for (int q = 0; q < GPS; ++q)
+#pragma unroll
+            for (int ks = 0; ks < 2; ++ks)
+                Wgmma<NB>::run(acc, fa[q][ks], dstage + (unsigned long long)((q * 2 + ks) * NB * 2),
+                               si != 0 || q != 0 || ks != 0);
+        wg_commit();
+        if (++si != n_st) {
+            wg_wait<1>();
+            return;
+        }
+        si = 0;
+        wg_wait<0>();
+        // the tile is done: store, or partials and the ticket
+        const int t = tb + wg + NWG * ti++;
+        const u8* W;
+        int N, nt, g;
+        tile_of(t, W, N, nt, g);
+        float* out = g == 0 ? o0 : (g == 1 ? o1 : o2);
+        const int ncol0 = nt * 64;
+        if (slabs == 1) {
+#pragma unroll
+            for (int j = 0; j < ND; ++j) {
+                const int col = wl * 16 + (lane >> 2) + 8 * ((j >> 1) & 1), row = (j >> 2) * 8 + 2 * (lane & 3) + (j & 1);
+                if (row < rows && ncol0 + col < N) {
+                    const i64 o = (i64)(m0 + row) * N + ncol0 + col;
+                    out[o] = mode == 3 ? acc[j] + resid[o] : acc[j];
+                }
+            }
+            return;
+        }
+#pragma unroll
+        for (int j = 0; j < ND; j += 2) {          // (columns 2c, 2c + 1 of D: rows r, r + 1 of the tile)
+            const int col = wl * 16 + (lane >> 2) + 8 * ((j >> 1) & 1), row = (j >> 2) * 8 + 2 * (lane & 3);
+            float* pp = part + (((i64)y * M + m0 + row) * t3 + t) * 64 + col;
+            if (row < rows) pp[0] = acc[j];
+            if (row + 1 < rows) pp[(i64)t3 * 64] = acc[j + 1];
+        }
+        // (one thread's fences, after the warpgroup's barrier, order the warpgroup's partials before its
+        // ticket and the other slabs' partials before the sum, as a cooperative grid sync does)
+        wg_bar(wg);
+        u32* ticket = tickets + (i64)t * gridDim.z + blockIdx.z;
+        if (wt == 0) {
+            __threadfence();
+            const bool last = atomicAdd(ticket, 1u) == (u32)(slabs - 1);
+            if (last) __threadfence();
+            s_last[wg] = last;
+        }
+        wg_bar(wg);
+        if (!s_last[wg]) return;
+        // the sum over the slabs: 16-byte loads, four a thread in flight per slab
+        const i64 sstride = (i64)M * t3 * 64;
+        for (int e0 = wt; e0 < rows * 16; e0 += 128 * 4) {
+            float4 v[4];
+#pragma unroll
+            for (int u = 0; u < 4; ++u) v[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+            for (int s = 0; s < slabs; ++s) {
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                    const int e = e0 + u * 128;
+                    if (e < rows * 16) {
+                        const float4 x = __ldcg(reinterpret_cast<const float4*>(
+                            part + (((i64)s * M + m0 + (e >> 4)) * t3 + t) * 64) + (e & 15));
+                        v[u].x += x.x; v[u].y += x.y; v[u].z += x.z; v[u].w += x.w;
+                    }
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const int e = e0 + u * 128;
+                if (e >= rows * 16) break;
+                const int row = e >> 4, c4 = (e & 15) * 4;
+                const float vv[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
+#pragma unroll
+                for (int h = 0; h < 4; ++h) {
+                    if (ncol0 + c4 + h >= N) break;
+                    const i64 o = (i64)(m0 + row) * N + ncol0 + c4 + h;
+                    out[o] = mode == 3 ? vv[h] + resid[o] : vv[h];
+                }
+            }
+        }
+        if (wt == 0) *ticket = 0u;                 // ready for the next replay
+    };
+    u32 fa0[GPS][2][4], fa1[GPS][2][4];
+    for (int i = 0; i < total; i += 2) {
+        step(fa0);
+        if (i + 1 < total) step(fa1);
+    }
+    wg_wait<0>();
+#endif
+}
+
 #define MARLIN_ARGS                                                                                   \
     const u8 *w0, const u8 *w1, const u8 *w2, float *o0, float *o1, float *o2, int N0, int N1, int N2, \
         int t1, int t2, int t3, const void *A, int a_f16, int M, int K, int lda, const float *resid,      \
@@ -985,6 +1397,22 @@ __device__ __forceinline__ void marlin_dec_main(
 MARLIN_TYPE(0, q4_0, 2, 1)
 MARLIN_TYPE(1, q4_1, 2, 1)
 MARLIN_TYPE(2, q4_k, 2, 1)
+
+// marlin_<type>_w<NB>: the warpgroup kernel (sm_90a), NB rows of A per tile, NWG warpgroups a CTA (as
+// many as the registers allow without spills: marlin_ops.WG_NWG); _x: LBO and SBO swapped (a layout
+// check for tests)
+#define MARLIN_WG_KERNEL(NAME, QT, NB, NWG, STAGES, GPS, SWAP)                                   \
+    extern "C" __global__ void __launch_bounds__(128 * NWG, 1) NAME(MARLIN_ARGS) {                \
+        marlin_wg_main<QT, NB, NWG, STAGES, GPS, SWAP>(MARLIN_PASS);                              \
+    }
+#define MARLIN_WG_TYPE(QT, QN)                                         \
+    MARLIN_WG_KERNEL(marlin_##QN##_w16, QT, 16, 4, 8, 2, false)        \
+    MARLIN_WG_KERNEL(marlin_##QN##_w32, QT, 32, 3, 8, 2, false)        \
+    MARLIN_WG_KERNEL(marlin_##QN##_w64, QT, 64, 3, 8, 2, false)
+MARLIN_WG_TYPE(0, q4_0)
+MARLIN_WG_TYPE(1, q4_1)
+MARLIN_WG_TYPE(2, q4_k)
+MARLIN_WG_KERNEL(marlin_q4_0_w16_x, 0, 16, 4, 8, 2, true)
 MARLIN_KERNEL(marlin_q4_0_m1_s4g1, 0, 1, false, 4, 1, 3)
 MARLIN_KERNEL(marlin_q4_0_m1_s6g1, 0, 1, false, 6, 1, 3)
 MARLIN_KERNEL(marlin_q4_0_m1_s8g1, 0, 1, false, 8, 1, 2)

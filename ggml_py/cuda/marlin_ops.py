@@ -76,9 +76,21 @@ def eligible(ggml_type: int, shape: tuple[int, ...]) -> bool:
     return shape[0] >= 1 and shape[1] >= qk and shape[1] % qk == 0
 
 
+@lru_cache(maxsize=1)
+def wg_available() -> bool:
+    """Whether the warpgroup kernels (wgmma: sm_90a, Hopper only) can run on this GPU."""
+    import cupy
+    try:
+        return str(cupy.cuda.Device().compute_capability) == "90"
+    except Exception:
+        return False
+
+
 @lru_cache(maxsize=None)
 def _module():
-    return load_module("marlin")
+    # sm_90a: the architecture-specific features (wgmma) of the warpgroup kernels; NVRTC takes it over
+    # the plain -arch=sm_90 that CuPy adds. Elsewhere those kernels compile to empty bodies, unused.
+    return load_module("marlin", ("-arch=sm_90a",) if wg_available() else ())
 
 
 _fns: dict[tuple[str, bool], Any] = {}
@@ -175,7 +187,14 @@ _VARIANTS = {"m1": (16, False, 4, 2, False), "m1_glu": (16, True, 4, 1, False), 
              "m1_s4g4": (16, False, 4, 4, False), "m2_s4g2": (32, False, 4, 2, False),
              "m4_s3g2": (64, False, 3, 2, False),
              "d1_s3g2": (8, False, 3, 2, True), "d1_s6g1": (8, False, 6, 1, True), "d1_s3g4": (8, False, 3, 4, True),
-             "d1_probe1": (8, False, 4, 2, True), "d1_probe2": (8, False, 4, 2, True)}
+             "d1_probe1": (8, False, 4, 2, True), "d1_probe2": (8, False, 4, 2, True),
+             "w16": (16, False, 8, 2, False), "w32": (32, False, 8, 2, False), "w64": (64, False, 8, 2, False),
+             "w16_x": (16, False, 8, 2, False)}
+# the warpgroup kernels (wgmma, sm_90a): no glu, no folds; w16_x (Q4_0) swaps the A window's LBO and SBO
+# (a test that the descriptor's layout is the one that matters)
+WG_VARIANTS = ("w16", "w32", "w64", "w16_x")
+# warpgroups a CTA (marlin.cu MARLIN_WG_TYPE): as many as 64K registers hold without spills
+WG_NWG = {"w16": 4, "w32": 3, "w64": 3, "w16_x": 4}
 SWEEP_VARIANTS = tuple(k for k in _VARIANTS if "_s" in k)
 PROBE_VARIANTS = ("d1_probe1", "d1_probe2")    # Q4_0, benchmarks only: arithmetic / A window left out
 CONFIGS = ("d1", "d2", "m1", "m2", "m4")          # the default variants (every type)
@@ -197,7 +216,10 @@ _DEC_SCALE_BYTES = {2: 128, 3: 256, 12: 384}       # a group's scale bytes in th
 
 
 def _smem_bytes(variant: str, rows: int, kw: int, cluster: bool = False, kws: int = 1, ggml_type: int = 2) -> int:
-    _, glu, stages, gps, dec = _VARIANTS[variant]
+    nb, glu, stages, gps, dec = _VARIANTS[variant]
+    if variant in WG_VARIANTS:                    # the warpgroups' rings + the A window (nb rows)
+        stage = gps * (1024 + (256 if ggml_type == 3 else 128)) + (256 if ggml_type == 12 else 0)
+        return WG_NWG[variant] * stages * stage + nb * kw * 2
     nwt = 2 if glu else 1
     if dec:
         ngc = kw // 32
@@ -257,6 +279,42 @@ def choose_split(tiles: int, m_tiles: int, groups: int, rows: int, variant: str,
             if best_cost is None or cost < best_cost - 1e-9:
                 best, best_cost = (kws, s), cost
     return best or (1, groups)
+
+
+def _wg_kw(groups: int, slabs: int, gps: int) -> int:
+    """The widest A window (k) of a warpgroup kernel's slabs: slabs of whole stages (gps groups)."""
+    units = groups // gps
+    return -(-units // slabs) * gps * 32
+
+
+def choose_split_wg(tiles: int, m_tiles: int, groups: int, rows: int, variant: str, regs: int, sms: int,
+                    ggml_type: int = 2) -> tuple[int, int]:
+    """(tiles a CTA, slabs) for the warpgroup kernels: one wave of CTAs, the cost counted in one
+    tile's groups (1 KB of codes + scales) on the busiest SM: the groups its CTAs stream, plus the
+    reads of their A windows and the partials of a k-split, both from L2 (weighted 0.4)."""
+    nb, gps = _VARIANTS[variant][0], _VARIANTS[variant][3]
+    by_regs = max(1, 65536 // (max(regs, 1) * 128 * WG_NWG[variant]))
+    best, best_cost = None, None
+    for s in range(1, min(groups // gps, 64) + 1):
+        kw = _wg_kw(groups, s, gps)
+        smem = _smem_bytes(variant, nb, kw, ggml_type=ggml_type)
+        if smem > SMEM_LIMIT:
+            continue
+        resident = max(1, min(by_regs, (228 * 1024) // (smem + 1024)))
+        for tpc in range(1, tiles + 1):
+            ctas = -(-tiles // tpc) * s * m_tiles
+            if ctas > sms * resident:
+                continue
+            per_sm = -(-ctas // sms)
+            load = per_sm * tpc * -(-groups // s)
+            win = 0.4 * per_sm * nb * kw * 2 / 1152
+            red = 0.0 if s == 1 else 0.4 * per_sm * tpc * rows * 0.44
+            cost = load + win + red
+            if best_cost is None or cost < best_cost - 1e-9:
+                best, best_cost = (tpc, s), cost
+    if best is None:
+        raise ValueError(f"Marlin: no split of K fits {variant}'s A window in shared memory")
+    return best
 
 
 def _split_override(N: int, K: int, glu: bool, M: int) -> tuple[int, int] | None:
@@ -416,34 +474,55 @@ class MarlinPlan:
         self.t_cum = np.cumsum(tiles + [0] * (3 - len(tiles))).tolist()
         T, G = self.t_cum[2], K // 32
         self._kern, regs = _function(self.kernel_name, 200 << 10)
-        if slabs or kws:
-            self.kws = int(kws or 1)
-            self.slabs = int(slabs) if slabs else choose_slabs(T, self.m_tiles, G, rows, variant, regs, sm_count(), t)
+        self.wg = variant in WG_VARIANTS
+        self.tpc = 0
+        if self.wg:
+            # the warpgroup kernels: kws (when given) is the tiles a CTA serves
+            if not wg_available():
+                raise ValueError(f"Marlin: {variant} needs wgmma (an sm_90 GPU)")
+            if slabs or kws:
+                self.tpc, self.slabs = int(kws or 1), int(slabs or 1)
+            else:
+                self.tpc, self.slabs = choose_split_wg(T, self.m_tiles, G, rows, variant, regs, sm_count(), t)
+            gps = _VARIANTS[variant][3]
+            if G % gps:
+                raise ValueError(f"Marlin: {variant} needs K to be a multiple of {32 * gps}")
+            if not 1 <= self.tpc <= T or not 1 <= self.slabs <= G // gps:
+                raise ValueError(f"Marlin: {variant} needs 1..{T} tiles a CTA and 1..{G // gps} slabs")
+            self.kws, self.cluster = 1, False
+            self.smem = _smem_bytes(variant, tile_rows, _wg_kw(G, self.slabs, gps), ggml_type=t)
+            if self.smem > SMEM_LIMIT:
+                raise ValueError(f"Marlin: {self.smem} bytes of shared memory needed; use more slabs")
+            self.grid = (-(-T // self.tpc), self.slabs, self.m_tiles)
         else:
-            # gate/up pairs keep the cost model's split: in the 8B decode graph it measured as the
-            # rule's (auto policy 346 t/s both) or better (every weight repacked: 338 against 309)
-            choose = choose_split_dec if self.dec and glu is None else choose_split
-            self.kws, self.slabs = choose(T, self.m_tiles, G, rows, variant, regs, sm_count(), t)
-            forced = _split_override(ws[0].rows, K, glu is not None, self.M)
-            if forced:
-                self.kws, self.slabs = forced
-        rope_bytes = rows * (self.rope_args[1] // 2) * 8 if self.rope_mask else 0
-        if self.rope_mask and self.slabs > 1:
-            self.slabs = 1                           # the rope epilogue runs on the store path (whole k range)
-        while (self.rope_mask and self.kws < 8
-               and _smem_bytes(variant, rows, G * 32, False, self.kws, t) + rope_bytes > SMEM_LIMIT):
-            self.kws *= 2
-        if self.kws not in (1, 2, 4, 8) or (self.kws > 1 and rows > 16):
-            raise ValueError(f"Marlin: kws must be 1, 2, 4 or 8 (1 above 16 rows), got {self.kws}")
-        if not 1 <= self.slabs <= G or self.slabs * self.kws > G:
-            raise ValueError(f"Marlin: slabs must be in 1..{G // self.kws}")
-        kw = -(-G // self.slabs) * 32
-        # slabs reduced in a cluster's shared memory (no partials in global memory, no tickets)
-        self.cluster = _use_cluster(self.slabs, rows, self.kws)
-        self.smem = _smem_bytes(variant, rows, kw, self.cluster, self.kws, t) + rope_bytes
-        if self.smem > SMEM_LIMIT:
-            raise ValueError(f"Marlin: {self.smem} bytes of shared memory needed; use more slabs")
-        self.grid = (-(-T // (8 // self.kws)), self.slabs, self.m_tiles)
+            if slabs or kws:
+                self.kws = int(kws or 1)
+                self.slabs = int(slabs) if slabs else choose_slabs(T, self.m_tiles, G, rows, variant, regs, sm_count(), t)
+            else:
+                # gate/up pairs keep the cost model's split: in the 8B decode graph it measured as the
+                # rule's (auto policy 346 t/s both) or better (every weight repacked: 338 against 309)
+                choose = choose_split_dec if self.dec and glu is None else choose_split
+                self.kws, self.slabs = choose(T, self.m_tiles, G, rows, variant, regs, sm_count(), t)
+                forced = _split_override(ws[0].rows, K, glu is not None, self.M)
+                if forced:
+                    self.kws, self.slabs = forced
+            rope_bytes = rows * (self.rope_args[1] // 2) * 8 if self.rope_mask else 0
+            if self.rope_mask and self.slabs > 1:
+                self.slabs = 1                           # the rope epilogue runs on the store path (whole k range)
+            while (self.rope_mask and self.kws < 8
+                   and _smem_bytes(variant, rows, G * 32, False, self.kws, t) + rope_bytes > SMEM_LIMIT):
+                self.kws *= 2
+            if self.kws not in (1, 2, 4, 8) or (self.kws > 1 and rows > 16):
+                raise ValueError(f"Marlin: kws must be 1, 2, 4 or 8 (1 above 16 rows), got {self.kws}")
+            if not 1 <= self.slabs <= G or self.slabs * self.kws > G:
+                raise ValueError(f"Marlin: slabs must be in 1..{G // self.kws}")
+            kw = -(-G // self.slabs) * 32
+            # slabs reduced in a cluster's shared memory (no partials in global memory, no tickets)
+            self.cluster = _use_cluster(self.slabs, rows, self.kws)
+            self.smem = _smem_bytes(variant, rows, kw, self.cluster, self.kws, t) + rope_bytes
+            if self.smem > SMEM_LIMIT:
+                raise ValueError(f"Marlin: {self.smem} bytes of shared memory needed; use more slabs")
+            self.grid = (-(-T // (8 // self.kws)), self.slabs, self.m_tiles)
         nwt = 2 if glu else 1
         self.part = (cupy.empty(nwt * self.slabs * self.M * T * 64, cupy.float32)
                      if self.slabs > 1 and not self.cluster else None)
@@ -508,13 +587,14 @@ class MarlinPlan:
                 norm_w if self.norm is not None else None, np.float32(self.norm or 0.0),
                 np.int32(0 if self.norm is None else 1)) + kv_args
         kern, grid, smem = self._kern, self.grid, self.smem
+        block = (128 * WG_NWG[self.variant] if self.wg else THREADS,)
         if hasattr(kern, "ptr"):            # a driver function: launch with PDL (launch.py)
             from .launch import launcher
-            return launcher(kern, grid, (THREADS,), args, smem, cs, programmatic=True,
+            return launcher(kern, grid, block, args, smem, cs, programmatic=True,
                             cluster=(1, self.slabs, 1) if self.cluster else None)
         if self.cluster:
             raise RuntimeError("Marlin: cluster launches need the CUDA driver function (cupy Function)")
-        return lambda: kern(grid, (THREADS,), args, smem, cs)
+        return lambda: kern(grid, block, args, smem, cs)
 
     def _kv_args(self, kv) -> tuple:
         """The kernel arguments of a folded KV-cache write (or of none)."""
