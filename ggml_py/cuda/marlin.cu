@@ -952,16 +952,16 @@ __device__ __forceinline__ void marlin_dec_main(
 // on the four warps of a warpgroup: warp w's A operand is the 16 x 16 fragment of columns 16 w ..
 // 16 w + 15, which is word w of every lane's 16-byte word of the layout, dequantized in registers
 // (dequant_word, f16, the group scale applied: (q - 8) s or q s + m, as marlin_main does); its B
-// operand is act^T, read by the tensor cores straight from the CTA's A window in shared memory (the
-// canonical K-major layout without swizzle: 8 x 8 core matrices of 128 contiguous bytes, the 8 rows
-// of a k chunk at SBO = 128 bytes, k chunks at LBO = NB * 16 bytes). Accumulators: NB / 2 f32 a
-// thread (32 at 64 rows, against m4's 128), so two warpgroups and the rings fit on every SM.
-// Work: a CTA (two warpgroups) stages one k-slab's A window once and serves a run of tiles: warpgroup
-// wg takes tiles tb + wg, tb + wg + 2, ..., streaming them back to back through its own cp.async
-// ring (a named barrier per stage, nothing CTA-wide in the loop). A tile's sums are stored (one slab)
-// or written as partials and summed by the warpgroup that takes the tile's ticket last, as in
-// marlin_finish. Epilogues: store and residual add (modes 0 and 3). Without sm_90a features
-// (plain sm_90 builds: the nvcc test) the kernel body is empty; the host uses it on sm_90a only.
+// operand is act^T, read by the tensor cores straight from the CTA's A window in shared memory
+// (K-major, 128-byte swizzle). Accumulators: NB / 2 f32 a thread (32 at 64 rows, against m4's 128).
+// Work: a CTA of NWG warpgroups stages one k-slab's A window once and serves a run of tiles:
+// warpgroup wg takes tiles tb + wg, tb + wg + NWG, ..., streamed back to back through its own ring of
+// shared-memory stages, filled by bulk copies (one thread issues them) that complete on an mbarrier
+// per stage: no CTA-wide barrier in the loop, and a slot is refilled once the wgmmas that read its
+// fragments are done (so no "empty" barrier either). A tile's sums are stored (one slab) or written
+// as partials and summed by the warpgroup that takes the tile's ticket last, as in marlin_finish.
+// Epilogues: store and residual add (modes 0 and 3). Without sm_90a features (plain sm_90 builds: the
+// nvcc test) the kernel body is empty; the host uses it on sm_90a only.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define MARLIN_HAVE_WGMMA 1
 #endif
@@ -1114,7 +1114,8 @@ __device__ __forceinline__ void marlin_wg_main(
     extern __shared__ uint4 smem4[];
     u8* smem = reinterpret_cast<u8*>(smem4);
     u8* ring = smem + wg * STAGES * WST;
-    u8* sA = smem + NWG * STAGES * WST;            // the A window: NB rows x kw, core matrices
+    // the A window: NB rows x kw in 128-byte swizzled atoms (below), 1024-aligned as the swizzle needs
+    u8* sA = smem + ((smem_addr(smem) + NWG * STAGES * WST + 1023u) & ~1023u) - smem_addr(smem);
     __shared__ u32 s_last[NWG];
     __shared__ __align__(8) unsigned long long s_full[NWG][STAGES];   // a stage has landed
 
@@ -1163,7 +1164,7 @@ __device__ __forceinline__ void marlin_wg_main(
     {
         u32 dyn;                                   // (the host's shared memory size against this kernel's needs)
         asm("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(dyn));
-        if ((u32)(NWG * STAGES * WST + NB * kw * 2) > dyn) __trap();
+        if ((u32)(NWG * STAGES * WST + 1024 + NB * kw * 2) > dyn) __trap();
     }
     PDL_TRIGGER();
     if (wt == 0) {
@@ -1178,17 +1179,19 @@ __device__ __forceinline__ void marlin_wg_main(
     }
     asm volatile("griddepcontrol.wait;\n" ::: "memory");
 
-    // The A window: 16-byte chunks (8 k of one row); lanes 8 apart take the 8 rows of one core matrix
-    // (conflict-free stores), the next k chunk goes to the next 8 lanes (reads of 32-byte sectors).
-    // f16 A goes in by cp.async (every chunk in flight at once), f32 A four chunks a thread at a time.
+    // The A window, K-major with the 128-byte swizzle: atom a (k 64 a .. 64 a + 63) holds NB rows of 128
+    // bytes, 16-byte chunk c of row r at chunk c ^ (r % 8) -- so that the tensor cores' reads of 8-row
+    // core matrices meet no bank conflicts (the unswizzled layout measured slower). A thread takes one
+    // 16-byte chunk (8 k of one row); consecutive threads take a row's consecutive chunks (coalesced
+    // reads, and every 8 of them one whole 128-byte row: conflict-free stores). f16 A goes in by
+    // cp.async (every chunk in flight at once), f32 A four chunks a thread at a time.
     {
         const int cpr = kw / 8, n = NB * cpr;
         auto chunk = [&](int c, int& r, i64& off) -> u32 {
-            const int r8 = c & 7, rest = c >> 3;
-            const int rb = rest / cpr, q = rest - rb * cpr;
-            r = rb * 8 + r8;
+            r = c / cpr;
+            const int q = c - r * cpr;
             off = (i64)(m0 + r) * lda + (i64)g0 * 32 + q * 8;
-            return (u32)((q * (NB / 8) + rb) * 128 + r8 * 16);
+            return (u32)((q >> 3) * (NB * 128) + r * 128 + (((q & 7) ^ (r & 7)) << 4));
         };
         if (a_f16) {
             const u32 a0 = smem_addr(sA);
@@ -1233,9 +1236,10 @@ __device__ __forceinline__ void marlin_wg_main(
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");   // the window, to the tensor cores
     __syncthreads();                               // (and the barriers' initialisation, to every thread)
 
-    const u32 lbo = SWAP ? 128u : (u32)(NB * 16), sbo = SWAP ? (u32)(NB * 16) : 128u;
-    // the window's descriptor at k-step 0; k-step j adds j NB 32 bytes to its address field (>> 4)
-    const unsigned long long desc0 = wg_desc(smem_addr(sA), lbo, sbo);
+    // the window's descriptor (128-byte swizzle; SBO: 8 rows = 1024 bytes; LBO unused) at k-step 0;
+    // k-step j is 32 bytes into atom j / 4: its address field (>> 4) gains 2 (j % 4) + (j / 4) NB 8
+    const u32 lbo = SWAP ? 1024u : 16u, sbo = SWAP ? 16u : 1024u;
+    const unsigned long long desc0 = wg_desc(smem_addr(sA), lbo, sbo) | (1ull << 62);
     float acc[ND];
 #pragma unroll
     for (int i = 0; i < ND; ++i) acc[i] = 0.0f;    // (never read before a tile's first wgmma overwrites it)
@@ -1266,13 +1270,14 @@ __device__ __forceinline__ void marlin_wg_main(
             }
         }
         wg_fence();
-        const unsigned long long dstage = desc0 + (unsigned long long)(si * GPS * 2 * NB * 2);
 #pragma unroll
         for (int q = 0; q < GPS; ++q)
 #pragma unroll
-            for (int ks = 0; ks < 2; ++ks)
-                Wgmma<NB>::run(acc, fa[q][ks], dstage + (unsigned long long)((q * 2 + ks) * NB * 2),
+            for (int ks = 0; ks < 2; ++ks) {
+                const int j = (si * GPS + q) * 2 + ks;             // k-step of the slab
+                Wgmma<NB>::run(acc, fa[q][ks], desc0 + (unsigned long long)(2 * (j & 3) + (j >> 2) * NB * 8),
                                si != 0 || q != 0 || ks != 0);
+            }
         wg_commit();
         if (++si != n_st) {
             wg_wait<1>();

@@ -219,7 +219,7 @@ def _smem_bytes(variant: str, rows: int, kw: int, cluster: bool = False, kws: in
     nb, glu, stages, gps, dec = _VARIANTS[variant]
     if variant in WG_VARIANTS:                    # the warpgroups' rings + the A window (nb rows)
         stage = gps * (1024 + (256 if ggml_type == 3 else 128)) + (256 if ggml_type == 12 else 0)
-        return WG_NWG[variant] * stages * stage + nb * kw * 2
+        return WG_NWG[variant] * stages * stage + 1024 + nb * kw * 2     # (the window is 1024-aligned)
     nwt = 2 if glu else 1
     if dec:
         ngc = kw // 32
