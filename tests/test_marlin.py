@@ -147,6 +147,25 @@ def test_default_variants_and_splits(monkeypatch):
     assert mo.choose_split(224, 1, 128, 1, "d1_glu", 128, 132) == (1, 9)
 
 
+def test_warpgroup_choice(monkeypatch):
+    """Where the warpgroup kernels replace m2 by default (17..64 rows, every warpgroup at most one
+    tile: 4096 x 4096 measured 1.6-1.8x faster, 4096 x 14336 slower), and the switch that turns it off."""
+    from ggml_py.cuda import marlin_ops as mo
+    monkeypatch.setattr(mo, "wg_available", lambda: True)
+    monkeypatch.setattr(mo, "sm_count", lambda: 132)
+    G = 4096 // 32
+    assert mo._wg_choice(64, G, 64, 2) == "w64" and mo._wg_choice(64, G, 33, 12) == "w64"
+    assert mo._wg_choice(64, G, 32, 3) == "w32" and mo._wg_choice(64, G, 17, 2) == "w32"
+    assert mo.choose_split_wg(64, 1, G, 64, "w64", 0, 132) == (2, 4)       # the measured 15.4 us split
+    for M in (1, 16, 65, 128):
+        assert mo._wg_choice(64, G, M, 2) is None
+    assert mo._wg_choice(224, G, 64, 2) is None                           # 4096 x 14336: m2
+    assert mo._wg_choice(64, 14336 // 32, 64, 2) is None                  # 14336 x 4096: m2
+    assert mo._wg_choice(64, 3, 64, 2) is None                            # K = 96: not whole stages
+    monkeypatch.setenv("GGFLAT_MARLIN_WG", "0")
+    assert mo._wg_choice(64, G, 64, 2) is None
+
+
 def test_eligibility():
     from ggml_py.cuda import marlin_ops as mo
     assert mo.eligible(2, (4096, 4096)) and mo.eligible(12, (10, 256))
@@ -263,7 +282,8 @@ def test_gemm_warpgroup(cp, mo, t):
         for M in (1, 9, 16, 17, 40, 64, 100):
             a = rng.standard_normal((M, K)).astype(np.float32)
             a64 = a.astype(np.float16).astype(np.float64)
-            for split in (None, (1, 1), (2, 1), (3, 2), (1, 5), (6, K // 64)):
+            units = K // 32 // mo._VARIANTS[variant][3]          # slabs are whole stages of groups
+            for split in (None, (1, 1), (2, 1), (3, 2), (1, 5), (6, units)):
                 tpc, slabs = split or (None, None)
                 a_dtype = "f16" if split is None or split[1] > 1 else "f32"
                 ad = cp.asarray(a.astype(np.float16) if a_dtype == "f16" else a)

@@ -13,7 +13,9 @@ or synchronised at run time; partial sums and self-resetting tickets are allocat
 Kernel variants: ``marlin_<type>_d<T>[_glu]`` (M <= 16, the default there) put the weights in
 the mma's A operand, 8 T rows of A per tile, and can fold in the rms_norm of A (``norm=eps``, the
 weight given to ``bind``) and the ropes of q and k (``rope=``); ``marlin_<type>_m<MT>[_glu]``
-(M > 16) put them in B, 16 MT rows. Each warp computes a rows x 64 tile over (its share of) one
+(M > 16) put them in B, 16 MT rows; ``marlin_<type>_w<NB>`` (sm_90a, NB = 16/32/64 rows, no glu or
+folds) put them in wgmma's register A operand and replace m2 for 17..64 rows where that measured
+faster (``_wg_choice``; ``GGFLAT_MARLIN_WG=0`` turns it off). Each warp of the mma.sync kernels computes a rows x 64 tile over (its share of) one
 k-slab; A may be f32 (the engine's activations: the kernel converts its window to f16 in shared
 memory, so decode needs no cast launch) or f16. ``choose_split_dec`` (decode kernels, by rule) and
 ``choose_split`` (cost model) pick the k-split inside a CTA (``kws`` warps a tile) and across CTAs
@@ -160,6 +162,11 @@ def dec_enabled() -> bool:
     return _env_on("GGFLAT_MARLIN_DEC")
 
 
+def wg_enabled() -> bool:
+    """GGFLAT_MARLIN_WG=0 keeps 17..64 rows on the mma.sync kernels (m2) everywhere (A/B measurements)."""
+    return _env_on("GGFLAT_MARLIN_WG")
+
+
 def kv_fold_enabled() -> bool:
     """GGFLAT_MARLIN_KVFOLD=0 keeps the KV-cache write a launch of its own (A/B measurements)."""
     return _env_on("GGFLAT_MARLIN_KVFOLD")
@@ -188,13 +195,13 @@ _VARIANTS = {"m1": (16, False, 4, 2, False), "m1_glu": (16, True, 4, 1, False), 
              "m4_s3g2": (64, False, 3, 2, False),
              "d1_s3g2": (8, False, 3, 2, True), "d1_s6g1": (8, False, 6, 1, True), "d1_s3g4": (8, False, 3, 4, True),
              "d1_probe1": (8, False, 4, 2, True), "d1_probe2": (8, False, 4, 2, True),
-             "w16": (16, False, 8, 2, False), "w32": (32, False, 8, 2, False), "w64": (64, False, 8, 2, False),
+             "w16": (16, False, 8, 2, False), "w32": (32, False, 6, 4, False), "w64": (64, False, 6, 4, False),
              "w16_x": (16, False, 8, 2, False)}
 # the warpgroup kernels (wgmma, sm_90a): no glu, no folds; w16_x (Q4_0) swaps the A window's LBO and SBO
 # (a test that the descriptor's layout is the one that matters)
 WG_VARIANTS = ("w16", "w32", "w64", "w16_x")
 # warpgroups a CTA (marlin.cu MARLIN_WG_TYPE): as many as 64K registers hold without spills
-WG_NWG = {"w16": 4, "w32": 3, "w64": 3, "w16_x": 4}
+WG_NWG = {"w16": 4, "w32": 2, "w64": 2, "w16_x": 4}
 SWEEP_VARIANTS = tuple(k for k in _VARIANTS if "_s" in k)
 PROBE_VARIANTS = ("d1_probe1", "d1_probe2")    # Q4_0, benchmarks only: arithmetic / A window left out
 CONFIGS = ("d1", "d2", "m1", "m2", "m4")          # the default variants (every type)
@@ -289,32 +296,36 @@ def _wg_kw(groups: int, slabs: int, gps: int) -> int:
 
 def choose_split_wg(tiles: int, m_tiles: int, groups: int, rows: int, variant: str, regs: int, sms: int,
                     ggml_type: int = 2) -> tuple[int, int]:
-    """(tiles a CTA, slabs) for the warpgroup kernels: one wave of CTAs, the cost counted in one
-    tile's groups (1 KB of codes + scales) on the busiest SM: the groups its CTAs stream, plus the
-    reads of their A windows and the partials of a k-split, both from L2 (weighted 0.4)."""
-    nb, gps = _VARIANTS[variant][0], _VARIANTS[variant][3]
-    by_regs = max(1, 65536 // (max(regs, 1) * 128 * WG_NWG[variant]))
-    best, best_cost = None, None
-    for s in range(1, min(groups // gps, 64) + 1):
-        kw = _wg_kw(groups, s, gps)
-        smem = _smem_bytes(variant, nb, kw, ggml_type=ggml_type)
-        if smem > SMEM_LIMIT:
-            continue
-        resident = max(1, min(by_regs, (228 * 1024) // (smem + 1024)))
-        for tpc in range(1, tiles + 1):
-            ctas = -(-tiles // tpc) * s * m_tiles
-            if ctas > sms * resident:
-                continue
-            per_sm = -(-ctas // sms)
-            load = per_sm * tpc * -(-groups // s)
-            win = 0.4 * per_sm * nb * kw * 2 / 1152
-            red = 0.0 if s == 1 else 0.4 * per_sm * tpc * rows * 0.44
-            cost = load + win + red
-            if best_cost is None or cost < best_cost - 1e-9:
-                best, best_cost = (tpc, s), cost
-    if best is None:
+    """(tiles a CTA, slabs) for the warpgroup kernels: the fewest slabs whose A window fits (every slab
+    more costs partials and a reduction: 64 x 4096 x 4096 on w64, 4 slabs 15.8 us, 8 slabs 24.9), then
+    the fewest tiles a CTA that keep the CTAs to one a SM (H100, 2026-11-24, bench_points.py)."""
+    gps = _VARIANTS[variant][3]
+    for s in range(1, groups // gps + 1):
+        if _smem_bytes(variant, rows, _wg_kw(groups, s, gps), ggml_type=ggml_type) <= SMEM_LIMIT:
+            break
+    else:
         raise ValueError(f"Marlin: no split of K fits {variant}'s A window in shared memory")
-    return best
+    tpc = max(1, -(-tiles * s * m_tiles // sms))
+    return min(tpc, tiles), s
+
+
+def _wg_choice(tiles: int, groups: int, M: int, ggml_type: int) -> str | None:
+    """The warpgroup kernel for 17..64 rows where it measured faster than m2: when its split leaves
+    every warpgroup at most one tile (a warpgroup that streams several tiles pays each one's drain,
+    partials and ticket in series). H100, Q4_0, f16 A, us (m2 against w32/w64, 2026-11-24): 4096 x 4096
+    at 33 / 48 / 64 rows 21.9 / 25.1 / 27.2 against 13.9 / 14.8 / 15.4 (Q4_K 31.0 against 17.3, Q4_1
+    27.9 against 15.6; 32 rows, Q4_1: 18.7 against 14.9); 4096 x 6144 a tie (22.0 / 23.4 / 25.6 against
+    22.0 / 22.8 / 23.7); 4096 x 14336 and 14336 x 4096 up to 15% slower: those stay on m2."""
+    if not 16 < M <= 64 or not wg_enabled() or not wg_available():
+        return None
+    variant = "w32" if M <= 32 else "w64"
+    if groups % _VARIANTS[variant][3]:
+        return None
+    try:
+        tpc, _ = choose_split_wg(tiles, 1, groups, M, variant, 0, sm_count(), ggml_type)
+    except ValueError:
+        return None
+    return variant if tpc <= WG_NWG[variant] else None
 
 
 def _split_override(N: int, K: int, glu: bool, M: int) -> tuple[int, int] | None:
@@ -450,6 +461,9 @@ class MarlinPlan:
             variant = f"{base}{'_glu' if glu else ''}"
             if variant not in _VARIANTS:
                 raise ValueError(f"no Marlin kernel for config {config!r}{', glu' if glu else ''}")
+        if config is None and glu is None and norm is None and rope is None:
+            nt = sum(-(-w.rows // 64) for w in ws)
+            variant = _wg_choice(nt, K // 32, self.M, t) or variant
         tile_rows, _, _, _, self.dec = _VARIANTS[variant]
         if (norm is not None or rope is not None) and not self.dec:
             raise ValueError("plan_gemm: the rms_norm and rope folds exist in the decode kernels (M <= 16) only")
