@@ -11,9 +11,10 @@ from ggml_py.cuda.quant_ops import DeviceWeight
 from quant_formats import quantize, dequantize
 
 rng = np.random.default_rng(0)
-for t, variant, M, shape, tpc, slabs, adt in [(2, "w16", 16, (64, 1024), 1, 1, "f16"), (2, "w16", 5, (333, 1024), 2, 1, "f16"),
-                                              (2, "w16", 16, (64, 1024), 1, 2, "f16"), (2, "w16", 16, (64, 1024), 1, 1, "f32"),
-                                              (2, "w64", 64, (333, 1024), 4, 2, "f16"), (12, "w16", 16, (64, 1024), 1, 1, "f16")]:
+CASES = [(2, "w16", 16, (64, 1024), 1, 1, "f16"), (2, "w16", 5, (333, 1024), 2, 1, "f16"),
+         (2, "w16", 16, (64, 1024), 1, 2, "f16"), (2, "w16", 16, (64, 1024), 1, 1, "f32"),
+         (2, "w64", 64, (333, 1024), 4, 2, "f16"), (12, "w16", 16, (64, 1024), 1, 1, "f16")]
+for t, variant, M, shape, tpc, slabs, adt in CASES:
     w = rng.standard_normal(shape).astype(np.float32)
     raw = np.ascontiguousarray(quantize(w, t)).reshape(-1).view(np.uint8)
     mw = mo.repack(DeviceWeight(t, shape, cp.asarray(raw), raw.size, "w"))

@@ -511,7 +511,8 @@ class MarlinPlan:
         else:
             if slabs or kws:
                 self.kws = int(kws or 1)
-                self.slabs = int(slabs) if slabs else choose_slabs(T, self.m_tiles, G, rows, variant, regs, sm_count(), t)
+                self.slabs = (int(slabs) if slabs else
+                              choose_slabs(T, self.m_tiles, G, rows, variant, regs, sm_count(), t))
             else:
                 # gate/up pairs keep the cost model's split: in the 8B decode graph it measured as the
                 # rule's (auto policy 346 t/s both) or better (every weight repacked: 338 against 309)
@@ -522,7 +523,7 @@ class MarlinPlan:
                     self.kws, self.slabs = forced
             rope_bytes = rows * (self.rope_args[1] // 2) * 8 if self.rope_mask else 0
             if self.rope_mask and self.slabs > 1:
-                self.slabs = 1                           # the rope epilogue runs on the store path (whole k range)
+                self.slabs = 1                       # the rope epilogue runs on the store path (whole k range)
             while (self.rope_mask and self.kws < 8
                    and _smem_bytes(variant, rows, G * 32, False, self.kws, t) + rope_bytes > SMEM_LIMIT):
                 self.kws *= 2
