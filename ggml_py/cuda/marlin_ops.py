@@ -17,9 +17,10 @@ weight given to ``bind``) and the ropes of q and k (``rope=``); ``marlin_<type>_
 folds) put them in wgmma's register A operand and replace m2 for 17..64 rows where that measured
 faster (``_wg_choice``; ``GGFLAT_MARLIN_WG=0`` turns it off). Each warp of the mma.sync kernels
 computes a rows x 64 tile over (its share of) one k-slab; A may be f32 (the engine's activations:
-the kernel converts its window to f16 in shared memory, so decode needs no cast launch) or f16. ``choose_split_dec`` (decode kernels, by rule) and
-``choose_split`` (cost model) pick the k-split inside a CTA (``kws`` warps a tile) and across CTAs
-(``slabs``, reduced in a thread-block cluster or through partials and tickets).
+the kernel converts its window to f16 in shared memory, so decode needs no cast launch) or f16.
+``choose_split_dec`` (decode kernels, by rule) and ``choose_split`` (cost model) pick the k-split
+inside a CTA (``kws`` warps a tile) and across CTAs (``slabs``, reduced in a thread-block cluster or
+through partials and tickets); ``choose_split_wg`` the warpgroup kernels' tiles a CTA and slabs.
 ``GGFLAT_MARLIN_DEC=0`` sends M <= 16 to the m-kernels and ``GGFLAT_MARLIN_NORM=0`` refuses the
 norm fold (A/B measurements). Launches go through ``launch.launcher`` (programmatic
 dependent launch, cluster dimensions).
