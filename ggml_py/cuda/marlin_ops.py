@@ -462,7 +462,7 @@ class MarlinPlan:
             variant = f"{base}{'_glu' if glu else ''}"
             if variant not in _VARIANTS:
                 raise ValueError(f"no Marlin kernel for config {config!r}{', glu' if glu else ''}")
-        if config is None and glu is None and norm is None and rope is None:
+        if config is None and slabs is None and kws is None and glu is None and norm is None and rope is None:
             nt = sum(-(-w.rows // 64) for w in ws)
             variant = _wg_choice(nt, K // 32, self.M, t) or variant
         tile_rows, _, _, _, self.dec = _VARIANTS[variant]
