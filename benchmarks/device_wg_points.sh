@@ -1,3 +1,6 @@
+#!/usr/bin/env bash
+# One device call (carry .whl): the warpgroup kernels' test, then m2 against w64 over 33/48/64 rows and four
+# (K, N) shapes, and the Q4_K / Q4_1 checks (RESULTS session 5's table).
 source benchmarks/device_setup.sh >/dev/null
 timeout 200 python3 -m pytest -x -q tests/test_marlin.py -k "warpgroup" 2>&1 | tail -2
 P=""
