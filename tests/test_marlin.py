@@ -221,6 +221,13 @@ def test_gpu_repack_matches_numpy(cp, mo, t):
 M_LIST = (1, 2, 3, 8, 16, 17, 64, 100, 512)
 
 
+def _weights(cp, mo, rng, t, shapes):
+    """Quantized random weights of these shapes: their float64 dequantization and MarlinWeights."""
+    raws = [_raw(rng, t, s) for s in shapes]
+    refs = [dequantize(r, t, s).astype(np.float64) for r, s in zip(raws, shapes)]
+    return refs, [_marlin(cp, mo, t, r, s) for r, s in zip(raws, shapes)]
+
+
 @pytest.mark.parametrize("t", TYPES, ids=TYPES.get)
 def test_gemm(cp, mo, t):
     seed = _seed()
@@ -275,9 +282,7 @@ def test_gemm_warpgroup(cp, mo, t):
     rng = np.random.default_rng(seed)
     K = 1024
     shapes = [(333, K), (64, K), (130, K)]
-    raws = [_raw(rng, t, s) for s in shapes]
-    refs = [dequantize(r, t, s).astype(np.float64) for r, s in zip(raws, shapes)]
-    ws = [_marlin(cp, mo, t, r, s) for r, s in zip(raws, shapes)]
+    refs, ws = _weights(cp, mo, rng, t, shapes)
     for variant in ("w16", "w32", "w64"):
         for M in (1, 9, 16, 17, 40, 64, 100):
             a = rng.standard_normal((M, K)).astype(np.float32)
@@ -324,9 +329,7 @@ def test_gemm_epilogues(cp, mo, t):
     rng = np.random.default_rng(seed)
     K = 512
     shapes = [(200, K), (64, K), (77, K)]
-    raws = [_raw(rng, t, s) for s in shapes]
-    refs = [dequantize(r, t, s).astype(np.float64) for r, s in zip(raws, shapes)]
-    ws = [_marlin(cp, mo, t, r, s) for r, s in zip(raws, shapes)]
+    refs, ws = _weights(cp, mo, rng, t, shapes)
     for M in (1, 4, 12, 20):
         a = rng.standard_normal((M, K)).astype(np.float32)
         ad = cp.asarray(a)
@@ -370,9 +373,7 @@ def test_gemm_norm_and_rope(cp, mo, t):
     rng = np.random.default_rng(seed)
     K, d = 512, 64
     shapes = [(256, K), (128, K), (128, K)]
-    raws = [_raw(rng, t, s) for s in shapes]
-    refs = [dequantize(r, t, s).astype(np.float64) for r, s in zip(raws, shapes)]
-    ws = [_marlin(cp, mo, t, r, s) for r, s in zip(raws, shapes)]
+    refs, ws = _weights(cp, mo, rng, t, shapes)
     nw = rng.uniform(0.5, 1.5, K).astype(np.float32)
     for M in (1, 3, 12):
         a = (rng.standard_normal((M, K)) * 3.0).astype(np.float32)
