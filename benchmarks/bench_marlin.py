@@ -154,7 +154,8 @@ def main(argv=None) -> None:
                       if M <= 64 else float("nan"))
                 tg = bench_gguf(cp, qo, tid, N, K, M, stream) if M <= 8 else float("nan")
                 gbs = wbytes / t / 1e9
-                print(f"| {M} | {K} | {N} | {t * 1e6:.1f} | {gbs:.0f} | {p.variant} {p.kws}x{p.slabs} | {tc * 1e6:.1f} | "
+                split = f"t{p.tpc}s{p.slabs}" if p.wg else f"{p.kws}x{p.slabs}"     # (warpgroup: tiles a CTA)
+                print(f"| {M} | {K} | {N} | {t * 1e6:.1f} | {gbs:.0f} | {p.variant} {split} | {tc * 1e6:.1f} | "
                       f"{tc / t:.2f}x | {te * 1e6:.1f} | {tg * 1e6:.1f} |", flush=True)
                 rows.append({"type": tname, "M": M, "K": K, "N": N, "marlin_us": t * 1e6, "gbps": gbs,
                              "slabs": p.slabs, "kernel": p.kernel_name, "cublas_f16_us": tc * 1e6,
