@@ -156,7 +156,7 @@ def test_warpgroup_choice(monkeypatch):
     G = 4096 // 32
     assert mo._wg_choice(64, G, 64, 2) == "w64" and mo._wg_choice(64, G, 33, 12) == "w64"
     assert mo._wg_choice(64, G, 32, 3) == "w32" and mo._wg_choice(64, G, 17, 2) == "w32"
-    assert mo.choose_split_wg(64, 1, G, 64, "w64", 0, 132) == (2, 4)       # the measured 15.4 us split
+    assert mo.choose_split_wg(64, 1, G, "w64", 132) == (2, 4)              # the measured 15.4 us split
     for M in (1, 16, 65, 128):
         assert mo._wg_choice(64, G, M, 2) is None
     assert mo._wg_choice(224, G, 64, 2) is None                           # 4096 x 14336: m2

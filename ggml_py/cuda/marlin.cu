@@ -5,9 +5,11 @@
 //
 //   out[m, n] = sum_k A[m, k] * W[n, k]        A: (M, K) f32 or f16, W: (N, K) 4-bit, out f32
 //
-// Two kernels share the layout, the work partitioning, the cp.async stream and the epilogue:
+// Two mma.sync kernels share the layout, the work partitioning, the cp.async stream and the epilogue:
 // marlin_main (weights as the mma's B operand, 16-row tiles of A: M > 16) and marlin_dec_main
-// (weights as the A operand, 8-row tiles: M <= 16, decode; see its comment).
+// (weights as the A operand, 8-row tiles: M <= 16, decode; see its comment). A third, marlin_wg_main
+// (sm_90a: wgmma, bulk copies, mbarriers), streams the same layout its own way; see its comment.
+// What follows describes the first two.
 //
 // Work. Every warp owns one 64-column tile of one weight and a contiguous run of its 32-element
 // k groups, which it streams through a warp-private cp.async ring (GroupStream; no CTA-wide
@@ -137,6 +139,23 @@ __device__ __forceinline__ Layout layout_of(int N, int K) {
     l.gs = align256(qw);
     l.ss = l.gs + align256(gsb);
     return l;
+}
+
+// Tile t of a launch's concatenated weights (t1, t2: where weights 1 and 2 start): its weight g,
+// that weight's base W and rows N, and the tile's index nt inside it (every GEMM kernel).
+struct TileRef {
+    const u8* W;
+    int N, nt, g;
+};
+
+__device__ __forceinline__ TileRef tile_ref(int t, int t1, int t2, int N0, int N1, int N2, const u8* w0,
+                                            const u8* w1, const u8* w2) {
+    TileRef r;
+    r.g = t < t1 ? 0 : (t < t2 ? 1 : 2);
+    r.nt = t - (r.g == 0 ? 0 : (r.g == 1 ? t1 : t2));
+    r.W = r.g == 0 ? w0 : (r.g == 1 ? w1 : w2);
+    r.N = r.g == 0 ? N0 : (r.g == 1 ? N1 : N2);
+    return r;
 }
 
 // -- dequantization of one word: four f16x2 B registers ------------------------------------------
@@ -322,10 +341,9 @@ __device__ __forceinline__ void marlin_finish(const MarlinJob& j, Each&& each, u
             const int wp = e / per, rem = e - wp * per, row = rem >> 6, col = rem & 63;
             const int te = blockIdx.x * 8 + wp;    // (cluster mode: kws == 1)
             if (te >= t3) continue;
-            const int ge = te < j.t1 ? 0 : (te < j.t2 ? 1 : 2);
-            const int nte = te - (ge == 0 ? 0 : (ge == 1 ? j.t1 : j.t2));
-            const int Ne = ge == 0 ? j.N0 : (ge == 1 ? j.N1 : j.N2);
-            const int n = nte * 64 + col;
+            const TileRef re = tile_ref(te, j.t1, j.t2, j.N0, j.N1, j.N2, nullptr, nullptr, nullptr);
+            const int ge = re.g, Ne = re.N;
+            const int n = re.nt * 64 + col;
             if (n >= Ne) continue;
             float v = 0.0f, u = 0.0f;
             for (int q = 0; q < slabs; ++q) {
@@ -467,10 +485,11 @@ __device__ __forceinline__ WarpWork warp_work(int MR, int K, int M, int slabs, i
     w.gw0 = w.g0 + (w.sub * w.ngc) / kws;                // this warp's groups: gw0 .. gw0 + ng
     w.ng = w.g0 + ((w.sub + 1) * w.ngc) / kws - w.gw0;
     w.active = w.t < t3;
-    w.g = w.t < t1 ? 0 : (w.t < t2 ? 1 : 2);
-    w.nt = w.t - (w.g == 0 ? 0 : (w.g == 1 ? t1 : t2));
-    w.W = w.g == 0 ? w0 : (w.g == 1 ? w1 : w2);
-    w.N = w.g == 0 ? N0 : (w.g == 1 ? N1 : N2);
+    const TileRef r = tile_ref(w.t, t1, t2, N0, N1, N2, w0, w1, w2);
+    w.g = r.g;
+    w.nt = r.nt;
+    w.W = r.W;
+    w.N = r.N;
     return w;
 }
 
@@ -1025,7 +1044,7 @@ __device__ __forceinline__ void wg_wait() {
 // the 128 threads of warpgroup wg (named barrier 1 + wg; 0 is __syncthreads)
 __device__ __forceinline__ void wg_bar(int wg) { asm volatile("bar.sync %0, 128;\n" :: "r"(1 + wg) : "memory"); }
 
-// the shared-memory matrix descriptor of a K-major, unswizzled operand at byte address addr
+// a shared-memory matrix descriptor: start address, LBO and SBO (the caller ORs in the swizzle mode)
 __device__ __forceinline__ unsigned long long wg_desc(u32 addr, u32 lbo, u32 sbo) {
     return (unsigned long long)((addr & 0x3FFFFu) >> 4) | ((unsigned long long)(lbo >> 4) << 16) |
            ((unsigned long long)(sbo >> 4) << 32);
@@ -1119,12 +1138,7 @@ __device__ __forceinline__ void marlin_wg_main(
     __shared__ u32 s_last[NWG];
     __shared__ __align__(8) unsigned long long s_full[NWG][STAGES];   // a stage has landed
 
-    auto tile_of = [&](int t, const u8*& W, int& N, int& nt, int& g) {
-        g = t < t1 ? 0 : (t < t2 ? 1 : 2);
-        nt = t - (g == 0 ? 0 : (g == 1 ? t1 : t2));
-        W = g == 0 ? w0 : (g == 1 ? w1 : w2);
-        N = g == 0 ? N0 : (g == 1 ? N1 : N2);
-    };
+    auto tile_of = [&](int t) { return tile_ref(t, t1, t2, N0, N1, N2, w0, w1, w2); };
     // The producer: thread 0 of each warpgroup issues the warpgroup's stream, one stage a call (tile
     // ti_in, stage si_in of it), into ring slot `slot`: the codes, gs and ss runs as bulk copies. Its
     // state lives in shared memory, so that the other threads hold no registers for it.
@@ -1136,13 +1150,11 @@ __device__ __forceinline__ void marlin_wg_main(
     const u32 ring_s = smem_addr(ring), full_s = smem_addr(&s_full[wg][0]);
     auto set_tile = [&](Producer& P) {
         if (P.ti >= my_tiles) return;
-        const u8* W;
-        int N, nt, g;
-        tile_of(tb + wg + NWG * P.ti, W, N, nt, g);
-        const Layout L = layout_of<QT>(N, K);
-        P.c = W + ((i64)nt * (K / 16) + 2 * g0) * 512;
-        P.g = W + L.gs + ((i64)nt * G + g0) * SCB;
-        P.s = W + L.ss + (i64)nt * (G / 8) * 256;
+        const TileRef r = tile_of(tb + wg + NWG * P.ti);
+        const Layout L = layout_of<QT>(r.N, K);
+        P.c = r.W + ((i64)r.nt * (K / 16) + 2 * g0) * 512;
+        P.g = r.W + L.gs + ((i64)r.nt * G + g0) * SCB;
+        P.s = r.W + L.ss + (i64)r.nt * (G / 8) * 256;
     };
     auto issue = [&](int slot) {
         Producer P = s_prod[wg];
@@ -1287,11 +1299,10 @@ __device__ __forceinline__ void marlin_wg_main(
         wg_wait<0>();
         // the tile is done: store, or partials and the ticket
         const int t = tb + wg + NWG * ti++;
-        const u8* W;
-        int N, nt, g;
-        tile_of(t, W, N, nt, g);
-        float* out = g == 0 ? o0 : (g == 1 ? o1 : o2);
-        const int ncol0 = nt * 64;
+        const TileRef r = tile_of(t);
+        const int N = r.N;
+        float* out = r.g == 0 ? o0 : (r.g == 1 ? o1 : o2);
+        const int ncol0 = r.nt * 64;
         if (slabs == 1) {
 #pragma unroll
             for (int j = 0; j < ND; ++j) {

@@ -225,7 +225,7 @@ _DEC_SCALE_BYTES = {2: 128, 3: 256, 12: 384}       # a group's scale bytes in th
 
 def _smem_bytes(variant: str, rows: int, kw: int, cluster: bool = False, kws: int = 1, ggml_type: int = 2) -> int:
     nb, glu, stages, gps, dec = _VARIANTS[variant]
-    if variant in WG_VARIANTS:                    # the warpgroups' rings + the A window (nb rows)
+    if variant in WG_VARIANTS:                    # the warpgroups' rings + the A window (nb rows, not `rows`)
         stage = gps * (1024 + (256 if ggml_type == 3 else 128)) + (256 if ggml_type == 12 else 0)
         return WG_NWG[variant] * stages * stage + 1024 + nb * kw * 2     # (the window is 1024-aligned)
     nwt = 2 if glu else 1
@@ -295,14 +295,14 @@ def _wg_kw(groups: int, slabs: int, gps: int) -> int:
     return -(-units // slabs) * gps * 32
 
 
-def choose_split_wg(tiles: int, m_tiles: int, groups: int, rows: int, variant: str, regs: int, sms: int,
+def choose_split_wg(tiles: int, m_tiles: int, groups: int, variant: str, sms: int,
                     ggml_type: int = 2) -> tuple[int, int]:
     """(tiles a CTA, slabs) for the warpgroup kernels: the fewest slabs whose A window fits (every slab
     more costs partials and a reduction: 64 x 4096 x 4096 on w64, 4 slabs 15.8 us, 8 slabs 24.9), then
     the fewest tiles a CTA that keep the CTAs to one a SM (H100, 2026-11-24, bench_points.py)."""
     gps = _VARIANTS[variant][3]
     for s in range(1, groups // gps + 1):
-        if _smem_bytes(variant, rows, _wg_kw(groups, s, gps), ggml_type=ggml_type) <= SMEM_LIMIT:
+        if _smem_bytes(variant, 0, _wg_kw(groups, s, gps), ggml_type=ggml_type) <= SMEM_LIMIT:
             break
     else:
         raise ValueError(f"Marlin: no split of K fits {variant}'s A window in shared memory")
@@ -323,7 +323,7 @@ def _wg_choice(tiles: int, groups: int, M: int, ggml_type: int) -> str | None:
     if groups % _VARIANTS[variant][3]:
         return None
     try:
-        tpc, _ = choose_split_wg(tiles, 1, groups, M, variant, 0, sm_count(), ggml_type)
+        tpc, _ = choose_split_wg(tiles, 1, groups, variant, sm_count(), ggml_type)
     except ValueError:
         return None
     return variant if tpc <= WG_NWG[variant] else None
@@ -495,13 +495,13 @@ class MarlinPlan:
             # the warpgroup kernels: kws (when given) is the tiles a CTA serves
             if not wg_available():
                 raise ValueError(f"Marlin: {variant} needs wgmma (an sm_90 GPU)")
-            if slabs or kws:
-                self.tpc, self.slabs = int(kws or 1), int(slabs or 1)
-            else:
-                self.tpc, self.slabs = choose_split_wg(T, self.m_tiles, G, rows, variant, regs, sm_count(), t)
             gps = _VARIANTS[variant][3]
             if G % gps:
                 raise ValueError(f"Marlin: {variant} needs K to be a multiple of {32 * gps}")
+            if slabs or kws:
+                self.tpc, self.slabs = int(kws or 1), int(slabs or 1)
+            else:
+                self.tpc, self.slabs = choose_split_wg(T, self.m_tiles, G, variant, sm_count(), t)
             if not 1 <= self.tpc <= T or not 1 <= self.slabs <= G // gps:
                 raise ValueError(f"Marlin: {variant} needs 1..{T} tiles a CTA and 1..{G // gps} slabs")
             self.kws, self.cluster = 1, False
