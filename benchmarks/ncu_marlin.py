@@ -5,7 +5,8 @@
 
 ncu's default cache control flushes the caches before every profiled launch, so each one reads its
 weights from DRAM, like a decode step; gpu__time_duration is then the kernel alone, without the
-launch gap that bench_marlin.py's graph replays include.
+launch gap that bench_marlin.py's graph replays include. With ``--copies 3`` and ``ncu --cache-control
+none --launch-skip 3``, the profiled launch finds A in L2 and its weights in DRAM, as a decode step does.
 """
 from __future__ import annotations
 
@@ -24,6 +25,10 @@ def main(argv=None) -> None:
     ap.add_argument("--a", default="f32")
     ap.add_argument("--glu", action="store_true", help="gate/up pair of (N, K) with swiglu")
     ap.add_argument("--config", help="a kernel variant of marlin_ops._VARIANTS instead of the default")
+    ap.add_argument("--copies", type=int, default=1,
+                    help="launch over this many copies of the weights in turn (3 copies of 33 MB overflow the "
+                         "L2: with --cache-control none and --launch-skip copies, the profiled launch reads its "
+                         "weights from DRAM while A stays in L2, as in a decode step)")
     args = ap.parse_args(argv)
     os.environ.setdefault("GGFLAT_PDL", "0")
     import cupy as cp
@@ -33,15 +38,19 @@ def main(argv=None) -> None:
     tid = TYPES[args.type]
     for case in args.cases.split(","):
         M, K, N = (int(x) for x in case.split("x"))
-        ws = [mo.repack(random_weight(cp, tid, N, K, 1 + i)) for i in range(2 if args.glu else 1)]
+        sets = [[mo.repack(random_weight(cp, tid, N, K, 1 + i + 2 * c)) for i in range(2 if args.glu else 1)]
+                for c in range(max(1, args.copies))]
         a = cp.random.standard_normal((M, K), dtype=cp.float32)
         if args.a == "f16":
             a = a.astype(cp.float16)
         out = cp.empty((M, N), cp.float32)
-        p = mo.MarlinPlan(ws, M, a_dtype=args.a, glu="swiglu" if args.glu else None, config=args.config)
-        call = p.bind(a, [out], cp.cuda.get_current_stream())
+        plans = [mo.MarlinPlan(ws, M, a_dtype=args.a, glu="swiglu" if args.glu else None, config=args.config)
+                 for ws in sets]
+        calls = [p.bind(a, [out], cp.cuda.get_current_stream()) for p in plans]
         for _ in range(2):
-            call()
+            for call in calls:
+                call()
+        p = plans[0]
         cp.cuda.Device().synchronize()
         print(f"{case}: {p.kernel_name} grid {p.grid} kws {p.kws} slabs {p.slabs} cluster {p.cluster} "
               f"smem {p.smem} weight MB {p.weight_bytes / 1e6:.1f}", flush=True)
