@@ -41,6 +41,26 @@ typedef long long i64;
 #define MARLIN_STAGES 4
 #define MARLIN_WSTAGE 1408          // one warp's stage: 1024 bytes of codes + up to 384 of scales
 
+// MARLIN_TRACE (a measurement build, benchmarks/trace_decode.py): the decode kernel's warps record
+// %globaltimer at their start, when the A window is ready, at the end of their loop and at their
+// end, with the launch's shape, into marlin_trace_buf (8 words a record; marlin_trace_n counts them)
+#ifndef MARLIN_TRACE
+#define MARLIN_TRACE 0
+#endif
+#if MARLIN_TRACE
+#define MARLIN_TRACE_CAP (1 << 18)
+__device__ unsigned long long marlin_trace_buf[MARLIN_TRACE_CAP * 8];
+__device__ unsigned int marlin_trace_n;
+__device__ __forceinline__ unsigned long long gtimer() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+    return t;
+}
+#define TRACE_T(v) const unsigned long long v = gtimer()
+#else
+#define TRACE_T(v)
+#endif
+
 // -- small helpers -------------------------------------------------------------------------------
 
 __device__ __forceinline__ u32 smem_addr(const void* p) {
@@ -754,6 +774,7 @@ __device__ __forceinline__ void marlin_dec_main(
     const GroupStream<QT, NWT, GPS, GB> stream(W, w1, L, nt, K, G, gw0, ng, active, ring, lane);
     auto issue = [&](int i, int slot) { stream.issue(i, slot); };
 
+    TRACE_T(tr0);
     PDL_TRIGGER();
     issue(0, 0);                                   // weights: nothing before us writes them
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -861,6 +882,7 @@ __device__ __forceinline__ void marlin_dec_main(
     }
     __syncthreads();
     if (!active && !cluster && kws == 1) return;   // (else every thread reaches the barriers below)
+    TRACE_T(tr1);
 
     float acc[NWT][T][4][4];
 #pragma unroll
@@ -940,6 +962,7 @@ __device__ __forceinline__ void marlin_dec_main(
         }
     });
     cp_wait<0>();
+    TRACE_T(tr2);
     const MarlinJob job{o0, o1, o2, N0, N1, N2, t1, t2, t3, M, m0, rows, slabs, kws, cluster, mode, y, resid, part,
                         tickets, sRope, rope_mask, hd, n_rot, KVFold{kc, vc, pc, kslots, kpos, kv_f16, kv_cap}};
     if (norm) {                                    // the rms_norm's 1 / sqrt(mean(x^2) + eps) of each row
@@ -964,6 +987,19 @@ __device__ __forceinline__ void marlin_dec_main(
             f(row, col, acc[0][tt][jj][r], acc[NWT - 1][tt][jj][r]);
         });
     }, smem, warp, lane, t, active, sub, g, nt, N);
+#if MARLIN_TRACE
+    if (lane == 0) {
+        const unsigned int n = atomicAdd(&marlin_trace_n, 1u);
+        if (n < MARLIN_TRACE_CAP) {
+            unsigned long long* r = marlin_trace_buf + (size_t)n * 8;
+            r[0] = tr0; r[1] = tr1; r[2] = tr2; r[3] = gtimer();
+            r[4] = ((unsigned long long)N0 << 32) | (unsigned)K;
+            r[5] = ((unsigned long long)(GLU ? 1 : 0) << 32) | (unsigned)t3;
+            r[6] = ((unsigned long long)blockIdx.x << 32) | ((unsigned)blockIdx.y << 8) | (unsigned)warp;
+            r[7] = ((unsigned long long)gridDim.x << 32) | ((unsigned)gridDim.y << 8) | (unsigned)ng;
+        }
+    }
+#endif
 }
 
 // -- the warpgroup kernel (sm_90a, 9..64 rows): wgmma with the weights in registers ---------------

@@ -89,11 +89,18 @@ def wg_available() -> bool:
         return False
 
 
+def trace_enabled() -> bool:
+    """GGFLAT_MARLIN_TRACE=1 builds the decode kernels with per-warp timestamps (marlin.cu MARLIN_TRACE,
+    read by benchmarks/trace_decode.py) -- a measurement build."""
+    return _env_on("GGFLAT_MARLIN_TRACE", "0")
+
+
 @lru_cache(maxsize=None)
 def _module():
     # sm_90a: the architecture-specific features (wgmma) of the warpgroup kernels; NVRTC takes it over
     # the plain -arch=sm_90 that CuPy adds. Elsewhere those kernels compile to empty bodies, unused.
-    return load_module("marlin", ("-arch=sm_90a",) if wg_available() else ())
+    opts = ("-arch=sm_90a",) if wg_available() else ()
+    return load_module("marlin", opts + (("-DMARLIN_TRACE=1",) if trace_enabled() else ()))
 
 
 _fns: dict[tuple[str, bool], Any] = {}

@@ -1,0 +1,99 @@
+"""Phases of every Marlin decode launch inside a replayed decode step (CuPy backend, H100): a
+measurement build of marlin.cu (GGFLAT_MARLIN_TRACE=1, MARLIN_TRACE) has each warp record
+%globaltimer at its start, when its A window is ready, at the end of its streaming loop and at its
+end. One decode step is replayed after warm-up and, per kind of launch (weight rows x K, tiles,
+grid), averaged over the layers:
+  prologue  = last warp's A-window-ready - first warp's start
+  loop      = last loop end - last A-window-ready
+  tail      = last end - last loop end (reductions, epilogue)
+  span      = last end - first start; and the gap from the previous traced launch's end (< 0: overlap)
+
+    python benchmarks/trace_decode.py -m model.gguf
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("-m", "--model", required=True)
+    ap.add_argument("--warm", type=int, default=6, help="decode tokens before the traced one")
+    args = ap.parse_args(argv)
+    os.environ["GGFLAT_MARLIN_TRACE"] = "1"
+    import cupy as cp
+    from engine.model import Model
+    from ggml_py.cuda import marlin_ops as mo
+    model = Model.load(args.model, "cupy")
+    cache = model.new_cache(args.warm + 8)
+    seq = cache.new_sequence()
+    rng = np.random.default_rng(0)
+    for t in rng.integers(0, model.n_vocab, args.warm):
+        model.forward(cache, seq, [int(t)])
+    mod = mo._module()
+    n_ptr = mod.get_global("marlin_trace_n")
+    counter = cp.ndarray((1,), cp.uint32, memptr=n_ptr)
+    counter[...] = 0
+    cp.cuda.Device().synchronize()
+    model.forward(cache, seq, [int(rng.integers(0, model.n_vocab))])
+    cp.cuda.Device().synchronize()
+    n = int(counter.get()[0])
+    buf = cp.ndarray((n, 8), cp.uint64, memptr=mod.get_global("marlin_trace_buf")).get().astype(np.int64)
+    print(f"{n} warp records")
+    t0 = buf[:, 0].min()
+    ts = buf[:, :4] - t0
+    d = np.diff(np.unique(ts[:, 0]))
+    print(f"globaltimer: smallest step between distinct start stamps {d[d > 0].min() if d.size else 0} ns")
+    key = [(int(r[4] >> 32), int(r[4] & 0xffffffff), int(r[5] >> 32), int(r[5] & 0xffffffff),
+            int(r[7] >> 32), int((r[7] >> 8) & 0xffffff)) for r in buf]
+    launches = []                                      # (kind, start, ready, loop_end, end)
+    by = defaultdict(list)
+    for i, k in enumerate(key):
+        by[k].append(i)
+    for k, idx in by.items():
+        idx = sorted(idx, key=lambda i: ts[i, 0])
+        group = [idx[0]]
+        for a, b in zip(idx, idx[1:]):
+            if ts[b, 0] - ts[a, 0] > 20_000:          # the same shape in the next layer
+                launches.append((k, ts[group][:, :4]))
+                group = []
+            group.append(b)
+        launches.append((k, ts[group][:, :4]))
+    launches.sort(key=lambda x: x[1][:, 0].min())
+    stats = defaultdict(lambda: defaultdict(list))
+    prev_end = None
+    for k, r in launches:
+        start, ready, lend, end = r[:, 0].min(), r[:, 1].max(), r[:, 2].max(), r[:, 3].max()
+        s = stats[k]
+        s["prologue"].append(ready - start)
+        s["loop"].append(lend - ready)
+        s["tail"].append(end - lend)
+        s["span"].append(end - start)
+        s["loop end spread"].append(r[:, 2].max() - r[:, 2].min())
+        if prev_end is not None:
+            s["gap before"].append(start - prev_end)
+        prev_end = end
+    names = {}
+    for k in stats:
+        N0, K, glu, t3, gx, gy = k
+        names[k] = f"{'gate/up ' if glu else ''}{N0}x{K} tiles {t3} grid {gx}x{gy}"
+    cols = ["prologue", "loop", "tail", "span", "loop end spread", "gap before"]
+    print("| launch (weight rows x K) | launches | " + " | ".join(cols) + " |  (us, mean over the step)")
+    print("|---|---:|" + "---:|" * len(cols))
+    for k, s in sorted(stats.items(), key=lambda kv: -np.mean(kv[1]["span"]) * len(kv[1]["span"])):
+        vals = " | ".join(f"{np.mean(s[c]) / 1e3:.2f}" if s[c] else "" for c in cols)
+        print(f"| {names[k]} | {len(s['span'])} | {vals} |")
+    total = max(r[:, 3].max() for _, r in launches) - min(r[:, 0].min() for _, r in launches)
+    print(f"first traced start to last traced end: {total / 1e3:.1f} us")
+
+
+if __name__ == "__main__":
+    main()
