@@ -64,6 +64,19 @@ def test_nvcc_compiles_marlin_sm90a(tmp_path):
     assert not [name for name, n in spills if int(n)], spills
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_nvcc_compiles_marlin_trace_build(tmp_path):
+    """The measurement build (GGFLAT_MARLIN_TRACE=1: MARLIN_TRACE, read by benchmarks/trace_decode.py)
+    still compiles, and exports the buffer and counter the tool reads."""
+    cu = CUDA_DIR / "marlin.cu"
+    out = tmp_path / "marlin_trace.ptx"
+    p = subprocess.run(["nvcc", "-arch=sm_90a", "--ptx", "-std=c++17", "-DMARLIN_TRACE=1", "-o", str(out), str(cu)],
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, f"nvcc -DMARLIN_TRACE=1 failed on marlin.cu:\n{p.stderr[-4000:]}"
+    ptx = out.read_text()
+    assert "marlin_trace_buf" in ptx and "marlin_trace_n" in ptx and "%globaltimer" in ptx
+
+
 @pytest.mark.parametrize("cu", CU_FILES, ids=lambda p: p.name)
 def test_nvrtc_compiles(cu):
     from ggml_py.backend_cupy import unavailable_reason
