@@ -46,7 +46,7 @@ def main(argv=None) -> None:
     model.forward(cache, seq, [int(rng.integers(0, model.n_vocab))])
     cp.cuda.Device().synchronize()
     n = int(counter.get()[0])
-    buf = cp.ndarray((n, 8), cp.uint64, memptr=mod.get_global("marlin_trace_buf")).get().astype(np.int64)
+    buf = cp.ndarray((n, 16), cp.uint64, memptr=mod.get_global("marlin_trace_buf")).get().astype(np.int64)
     print(f"{n} warp records")
     t0 = buf[:, 0].min()
     ts = buf[:, :4] - t0
@@ -54,6 +54,9 @@ def main(argv=None) -> None:
     print(f"globaltimer: smallest step between distinct start stamps {d[d > 0].min() if d.size else 0} ns")
     key = [(int(r[4] >> 32), int(r[4] & 0xffffffff), int(r[5] >> 32), int(r[5] & 0xffffffff),
             int(r[7] >> 32), int((r[7] >> 8) & 0xffffff)) for r in buf]
+    # the finer stamps (words 8-13), in the order a warp passes them; 0 where a warp did not
+    fine = {"wait": 8, "A staged": 9, "norm": 10, "rope": 11, "ready": 1, "loop end": 2, "k-reduced": 12,
+            "ticket": 13, "end": 3}
     launches = []                                      # (kind, start, ready, loop_end, end)
     by = defaultdict(list)
     for i, k in enumerate(key):
@@ -63,15 +66,28 @@ def main(argv=None) -> None:
         group = [idx[0]]
         for a, b in zip(idx, idx[1:]):
             if ts[b, 0] - ts[a, 0] > 20_000:          # the same shape in the next layer
-                launches.append((k, ts[group][:, :4]))
+                launches.append((k, ts[group][:, :4], buf[group]))
                 group = []
             group.append(b)
-        launches.append((k, ts[group][:, :4]))
+        launches.append((k, ts[group][:, :4], buf[group]))
     launches.sort(key=lambda x: x[1][:, 0].min())
     stats = defaultdict(lambda: defaultdict(list))
     prev_end = None
-    for k, r in launches:
+    timeline = defaultdict(lambda: defaultdict(list))
+    prev = None
+    for k, r, raw in launches:
         start, ready, lend, end = r[:, 0].min(), r[:, 1].max(), r[:, 2].max(), r[:, 3].max()
+        if prev is not None:                       # every point from the previous traced launch's end
+            timeline[k]["first start"].append(raw[:, 0].min() - prev)
+            w = raw[:, 8][raw[:, 8] > 0]
+            if w.size:
+                timeline[k]["first wait"].append(w.min() - prev)
+            for name, w in fine.items():
+                v = raw[:, w]
+                v = v[v > 0]
+                if v.size:
+                    timeline[k][name].append(v.max() - prev)
+        prev = raw[:, 3].max()
         s = stats[k]
         s["prologue"].append(ready - start)
         s["loop"].append(lend - ready)
@@ -91,8 +107,16 @@ def main(argv=None) -> None:
     for k, s in sorted(stats.items(), key=lambda kv: -np.mean(kv[1]["span"]) * len(kv[1]["span"])):
         vals = " | ".join(f"{np.mean(s[c]) / 1e3:.2f}" if s[c] else "" for c in cols)
         print(f"| {names[k]} | {len(s['span'])} | {vals} |")
-    total = max(r[:, 3].max() for _, r in launches) - min(r[:, 0].min() for _, r in launches)
+    total = max(r[:, 3].max() for _, r, _ in launches) - min(r[:, 0].min() for _, r, _ in launches)
     print(f"first traced start to last traced end: {total / 1e3:.1f} us")
+    print()
+    print("From the previous traced launch's end: its first warp's start and wait's return, then when the last")
+    print("warp passes each point (us, mean over the step; o's previous launch is q/k/v, attention between):")
+    cols2 = ["first start", "first wait"] + list(fine)
+    print("| launch | " + " | ".join(cols2) + " |")
+    print("|---|" + "---:|" * len(cols2))
+    for k, tl in sorted(timeline.items(), key=lambda kv: -np.mean(stats[kv[0]]["span"]) * len(stats[kv[0]]["span"])):
+        print(f"| {names[k]} | " + " | ".join(f"{np.mean(tl[c]) / 1e3:.2f}" if tl.get(c) else "" for c in cols2) + " |")
 
 
 if __name__ == "__main__":

@@ -231,9 +231,11 @@ class _SimGroupPlan:
         self.dev, self.ws, self.n, self.glu, self.rope = dev, ws, n, glu, rope
         self.norm, self.residual = norm, residual
 
-    def bind(self, x, outs, stream, pos=None, norm_w=None, resid=None):
+    def bind(self, x, outs, stream, pos=None, norm_w=None, resid=None, early=False):
         assert x.shape[0] == self.n and len(outs) == (1 if self.glu else len(self.ws))
         assert (pos is not None) == bool(self.rope) and (resid is not None) == self.residual
+        assert isinstance(early, bool)
+        self.dev.group_binds.append((pos is not None, early))
 
         def run():
             h = x
@@ -353,6 +355,7 @@ class SimDevice:
     def __init__(self, planned: bool = True) -> None:
         self.capturing: list | None = None
         self.group_calls: list = []                 # plan_mul_mat_group requests (len(ws), glu, rope members)
+        self.group_binds: list = []                 # GroupPlan.bind calls: (with positions, early)
         self.n_captures = 0
         self.n_graph_launches = 0
         self.quant = _SimQuantPlanned(self) if planned else _SimQuant(self)
@@ -1425,6 +1428,11 @@ def test_tiny_model_grouped(target, tiny_uniform_models, arch, level):
             assert _fusions(plan, "mm_add", "mm_norm") == want, plan.fusions
         n_rope = sum(1 for t in plan.step_node if t is not None and t.op == "rope")
         assert n_rope == (0 if arch == "llama" else L)              # gemma: q/k norms sit between
+        # the positions are the graph's input: every grouped launch may read them before PDL's wait
+        binds = getattr(be.dev, "group_binds", None)
+        if binds is not None:
+            assert binds and all(early for _, early in binds), binds
+            assert any(with_pos for with_pos, _ in binds) == (arch == "llama")
         for sq in seqs:
             sq.clear()
 

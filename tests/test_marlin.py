@@ -392,6 +392,12 @@ def test_gemm_norm_and_rope(cp, mo, t):
                     bind = lambda x, outs, p, w: plan.bind(x, outs, None, pos=p, norm_w=w)  # noqa: E731
                 outs = [cp.full((M, s[0]), np.nan, cp.float32) for s in shapes]
                 bind(cp.asarray(a), outs, cp.asarray(pos), cp.asarray(nw) if use_w else None)()
+                if not via_group:                  # the positions read before PDL's wait: the same bits
+                    again = [cp.full((M, s[0]), np.nan, cp.float32) for s in shapes]
+                    plan.bind(cp.asarray(a), again, None, pos=cp.asarray(pos),
+                              norm_w=cp.asarray(nw) if use_w else None, early=True)()
+                    for o, o2 in zip(outs, again):
+                        np.testing.assert_array_equal(cp.asnumpy(o), cp.asnumpy(o2))
                 h = a64 if norm is None else (an * nw if use_w else an)
                 for g, (o, r) in enumerate(zip(outs, refs)):
                     want = h @ r.T
@@ -421,7 +427,8 @@ def test_gemm_norm_and_rope(cp, mo, t):
 def test_gemm_kv_fold(cp, mo, t):
     """A q/k/v decode launch that also writes k and v into cache pages: the rows at the tokens'
     slots are the k / v outputs rounded as kv_store rounds them, with the positions beside;
-    slots outside the cache are skipped; plans that cannot fold refuse."""
+    slots outside the cache are skipped (slots and positions read after PDL's wait, or before it with
+    early=True); plans that cannot fold refuse."""
     seed = _seed()
     rng = np.random.default_rng(seed)
     K, hd = 512, 64
@@ -429,7 +436,7 @@ def test_gemm_kv_fold(cp, mo, t):
     ws = [_marlin(cp, mo, t, _raw(rng, t, s), s) for s in shapes]
     n_pages, page = 5, 4
     for M in (1, 3, 12):
-        for dt in (np.float16, np.float32):
+        for dt, early in ((np.float16, False), (np.float32, False), (np.float16, True), (np.float32, True)):
             kc = cp.zeros((n_pages, page, 2, hd), dt)
             vc = cp.zeros((n_pages, page, 2, hd), dt)
             pc = cp.full((n_pages, page), -1, cp.int32)
@@ -442,7 +449,7 @@ def test_gemm_kv_fold(cp, mo, t):
             a = cp.asarray(rng.standard_normal((M, K)).astype(np.float32))
             outs = [cp.empty((M, s[0]), cp.float32) for s in shapes]
             pos = cp.asarray(rng.integers(0, 1000, M).astype(np.int32))
-            p.bind(a, outs, pos=pos, kv=(kc, vc, pc, cp.asarray(slots), cp.asarray(kpos)))()
+            p.bind(a, outs, pos=pos, kv=(kc, vc, pc, cp.asarray(slots), cp.asarray(kpos)), early=early)()
             kh, vh, ph = (cp.asnumpy(c).reshape(n_pages * page, -1) for c in (kc, vc, pc))
             ko, vo = cp.asnumpy(outs[1]), cp.asnumpy(outs[2])
             ok = slots < n_pages * page

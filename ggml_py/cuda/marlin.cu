@@ -43,22 +43,32 @@ typedef long long i64;
 
 // MARLIN_TRACE (a measurement build, benchmarks/trace_decode.py): the decode kernel's warps record
 // %globaltimer at their start, when the A window is ready, at the end of their loop and at their
-// end, with the launch's shape, into marlin_trace_buf (8 words a record; marlin_trace_n counts them)
+// end, with the launch's shape (words 0-7 of a 16-word record in marlin_trace_buf; marlin_trace_n
+// counts them), and at finer points (words 8-13): PDL's wait returned, its A-window items
+// staged, the norm's pass done, the rope table done, the k-warps' sums reduced (marlin_finish, kws
+// > 1: the warps that go on), the partial sums' ticket won (slabs > 1). 0: not reached.
 #ifndef MARLIN_TRACE
 #define MARLIN_TRACE 0
 #endif
 #if MARLIN_TRACE
 #define MARLIN_TRACE_CAP (1 << 18)
-__device__ unsigned long long marlin_trace_buf[MARLIN_TRACE_CAP * 8];
+#define MARLIN_TRACE_W 16
+__device__ unsigned long long marlin_trace_buf[MARLIN_TRACE_CAP * MARLIN_TRACE_W];
 __device__ unsigned int marlin_trace_n;
+__device__ unsigned long long marlin_trace_mark[4096 * 2];   // a warp's marks from marlin_finish
 __device__ __forceinline__ unsigned long long gtimer() {
     unsigned long long t;
     asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
     return t;
 }
+__device__ __forceinline__ int trace_warp_id() {
+    return (int)(((blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5)) & 4095;
+}
 #define TRACE_T(v) const unsigned long long v = gtimer()
+#define TRACE_MARK(i) do { if ((threadIdx.x & 31) == 0) marlin_trace_mark[trace_warp_id() * 2 + (i)] = gtimer(); } while (0)
 #else
 #define TRACE_T(v)
+#define TRACE_MARK(i) do {} while (0)
 #endif
 
 // -- small helpers -------------------------------------------------------------------------------
@@ -284,6 +294,7 @@ struct KVFold {
     int* pc;
     const int *slots, *pos;
     int f16, cap;
+    const int* sk;                                 // or nullptr: [rows][2] slots and positions staged in shared memory
 };
 
 struct MarlinJob {
@@ -334,6 +345,7 @@ __device__ __forceinline__ void marlin_finish(const MarlinJob& j, Each&& each, u
                     if (NWT == 2) b += red[(((warp + q) * NWT + 1) * rows + row) * 64 + col];
                 }
             });
+        TRACE_MARK(0);
     }
 
     float* out = g == 0 ? j.o0 : (g == 1 ? j.o1 : j.o2);
@@ -400,13 +412,13 @@ __device__ __forceinline__ void marlin_finish(const MarlinJob& j, Each&& each, u
                 else if (mode == 3) v += j.resid[o];
                 out[o] = v;
                 if (PX != 0 && j.kv.kc != nullptr && g != 0) {
-                    const int s = j.kv.slots[m0 + row];
+                    const int s = j.kv.sk ? j.kv.sk[2 * row] : j.kv.slots[m0 + row];
                     if (s >= 0 && s < j.kv.cap) {
                         const i64 e = (i64)s * N + n;
                         void* c = g == 1 ? j.kv.kc : j.kv.vc;
                         if (j.kv.f16) reinterpret_cast<half*>(c)[e] = __float2half_rn(v);
                         else reinterpret_cast<float*>(c)[e] = v;
-                        if (g == 1 && n == 0) j.kv.pc[s] = j.kv.pos[m0 + row];
+                        if (g == 1 && n == 0) j.kv.pc[s] = j.kv.sk ? j.kv.sk[2 * row + 1] : j.kv.pos[m0 + row];
                     }
                 }
             }
@@ -443,6 +455,7 @@ __device__ __forceinline__ void marlin_finish(const MarlinJob& j, Each&& each, u
     if (lane == 0) old = atomicAdd(ticket, 1u);
     old = __shfl_sync(0xffffffffu, old, 0);
     if (old != (u32)(slabs - 1)) return;
+    TRACE_MARK(1);
     __threadfence();
     // sum the slabs: 4 elements a lane at a time, the loads of 4 slabs in flight together
     for (int e0 = 0; e0 < rows * 64; e0 += 128) {
@@ -590,7 +603,7 @@ __device__ __forceinline__ void marlin_main(
         const float* resid, int mode, int slabs, int kws, int cluster, float* part, u32* tickets,
         const int* pos, int rope_mask, int hd, int n_rot, float theta_scale, float freq_scale,
         const float* norm_w, float eps, int norm, void* kc, void* vc, int* pc, const int* kslots,
-        const int* kpos, int kv_f16, int kv_cap) {
+        const int* kpos, int kv_f16, int kv_cap, int early) {
     constexpr int NWT = GLU ? 2 : 1;               // weights a warp reads (gate and up together)
     constexpr int WST1 = MARLIN_WSTAGE * NWT;      // one group's bytes (codes + scales, both weights)
     constexpr int WST = WST1 * GPS;                // one warp's bytes of one stage (GPS groups)
@@ -756,7 +769,7 @@ __device__ __forceinline__ void marlin_dec_main(
         const float* resid, int mode, int slabs, int kws, int cluster, float* part, u32* tickets,
         const int* pos, int rope_mask, int hd, int n_rot, float theta_scale, float freq_scale,
         const float* norm_w, float eps, int norm, void* kc, void* vc, int* pc, const int* kslots,
-        const int* kpos, int kv_f16, int kv_cap) {
+        const int* kpos, int kv_f16, int kv_cap, int early) {
     constexpr int NWT = GLU ? 2 : 1;
     constexpr int GB = DecGroup<QT>::GB;
     constexpr int WST1 = GB * NWT;                 // one group of the warp's weights
@@ -781,19 +794,44 @@ __device__ __forceinline__ void marlin_dec_main(
     u8* sZero = reinterpret_cast<u8*>(sNorm + 128);
     sZero = reinterpret_cast<u8*>((reinterpret_cast<size_t>(sZero) + 15) & ~(size_t)15);
     float2* sRope = reinterpret_cast<float2*>(sZero + 16);         // [rows][n_rot / 2] when the plan ropes
+    int* sKV = reinterpret_cast<int*>(sRope + (rope_mask ? rows * (n_rot >> 1) : 0));   // [rows][2] (early, KV fold)
 
     const int n_st = (ng + GPS - 1) / GPS;
     const GroupStream<QT, NWT, GPS, GB> stream(W, w1, L, nt, K, G, gw0, ng, active, ring, lane);
     auto issue = [&](int i, int slot) { stream.issue(i, slot); };
 
     TRACE_T(tr0);
+#if MARLIN_TRACE
+    if (lane == 0) marlin_trace_mark[trace_warp_id() * 2] = marlin_trace_mark[trace_warp_id() * 2 + 1] = 0ull;
+#endif
     PDL_TRIGGER();
     issue(0, 0);                                   // weights: nothing before us writes them
+    // The rope's angles: the positions' loads and the double sincos take 1 us. `early` (the host's
+    // promise that the positions and the KV fold's slots are the graph's inputs, which no kernel
+    // writes) moves them, with the slots into shared memory and an L2 hint for the norm's weights,
+    // before PDL's wait, where they overlap the previous kernel (8B decode: q/k/v's A window ready
+    // 6.1 -> 5.3 us after the previous launch's end; tg128 +2.3% over five interleaved pairs as a
+    // build switch, benchmarks/RESULTS.md session 7).
+    auto rope_table = [&]() {                      // one (row, pair) a thread
+        const int np = n_rot >> 1;
+        for (int e = threadIdx.x; e < rows * np; e += MARLIN_THREADS)
+            sRope[e] = rope_cs(pos[m0 + e / np], e % np, theta_scale, freq_scale);
+    };
+    if (early) {
+        if (kc != nullptr && (int)threadIdx.x < rows) {
+            sKV[2 * threadIdx.x] = kslots[m0 + threadIdx.x];
+            sKV[2 * threadIdx.x + 1] = kpos[m0 + threadIdx.x];
+        }
+        if (norm && norm_w && (int)threadIdx.x < ngc)
+            asm volatile("prefetch.global.L2 [%0];\n" :: "l"(norm_w + (i64)(g0 + threadIdx.x) * 32));
+        if (rope_mask) rope_table();
+    }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     // launched with PDL: A (and every buffer written below) belongs to the previous kernel until it
     // has finished
     asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
+    TRACE_T(trw);
     // The A window: one thread per (row, group) of the slab. Its loads go out before the other
     // weight stages so that they are not queued behind them.
     const int items = rows * ngc;
@@ -862,6 +900,7 @@ __device__ __forceinline__ void marlin_dec_main(
 #pragma unroll
     for (int i = 1; i < STAGES - 1; ++i) issue(i, i);
     for (int it = threadIdx.x + MARLIN_THREADS; it < items && PROBE != 2; it += MARLIN_THREADS) stage_a(it);
+    TRACE_T(tra);
     if (norm) {                                    // sum(x^2) over each whole row: every thread a strided share,
         float* red = sNorm;                        // reduced per warp, then (at the end) over the 8 warps
         for (int r = 0; r < rows; ++r) {
@@ -887,11 +926,9 @@ __device__ __forceinline__ void marlin_dec_main(
             if (lane == 0) red[r * 8 + warp] = q;
         }
     }
-    if (rope_mask) {                               // the rope's angles, one (row, pair) a thread
-        const int np = n_rot >> 1;
-        for (int e = threadIdx.x; e < rows * np; e += MARLIN_THREADS)
-            sRope[e] = rope_cs(pos[m0 + e / np], e % np, theta_scale, freq_scale);
-    }
+    TRACE_T(trn);
+    if (rope_mask && !early) rope_table();
+    TRACE_T(trr);
     __syncthreads();
     if (!active && !cluster && kws == 1) return;   // (else every thread reaches the barriers below)
     TRACE_T(tr1);
@@ -976,7 +1013,7 @@ __device__ __forceinline__ void marlin_dec_main(
     cp_wait<0>();
     TRACE_T(tr2);
     const MarlinJob job{o0, o1, o2, N0, N1, N2, t1, t2, t3, M, m0, rows, slabs, kws, cluster, mode, y, resid, part,
-                        tickets, sRope, rope_mask, hd, n_rot, KVFold{kc, vc, pc, kslots, kpos, kv_f16, kv_cap}};
+                        tickets, sRope, rope_mask, hd, n_rot, KVFold{kc, vc, pc, kslots, kpos, kv_f16, kv_cap, early && kc != nullptr ? sKV : nullptr}};
     if (norm) {                                    // the rms_norm's 1 / sqrt(mean(x^2) + eps) of each row
         float sc[T][2];
 #pragma unroll
@@ -1001,14 +1038,18 @@ __device__ __forceinline__ void marlin_dec_main(
     }, smem, warp, lane, t, active, sub, g, nt, N);
 #if MARLIN_TRACE
     if (lane == 0) {
+        const unsigned long long tr3 = gtimer();   // (before the record's atomic: its contention is not ours)
         const unsigned int n = atomicAdd(&marlin_trace_n, 1u);
         if (n < MARLIN_TRACE_CAP) {
-            unsigned long long* r = marlin_trace_buf + (size_t)n * 8;
-            r[0] = tr0; r[1] = tr1; r[2] = tr2; r[3] = gtimer();
+            unsigned long long* r = marlin_trace_buf + (size_t)n * MARLIN_TRACE_W;
+            r[0] = tr0; r[1] = tr1; r[2] = tr2; r[3] = tr3;
             r[4] = ((unsigned long long)N0 << 32) | (unsigned)K;
             r[5] = ((unsigned long long)(GLU ? 1 : 0) << 32) | (unsigned)t3;
             r[6] = ((unsigned long long)blockIdx.x << 32) | ((unsigned)blockIdx.y << 8) | (unsigned)warp;
             r[7] = ((unsigned long long)gridDim.x << 32) | ((unsigned)gridDim.y << 8) | (unsigned)ng;
+            r[8] = trw; r[9] = tra; r[10] = trn; r[11] = trr;
+            r[12] = marlin_trace_mark[trace_warp_id() * 2]; r[13] = marlin_trace_mark[trace_warp_id() * 2 + 1];
+            r[14] = r[15] = 0ull;
         }
     }
 #endif
@@ -1155,7 +1196,7 @@ __device__ __forceinline__ void marlin_wg_main(
         const float* resid, int mode, int slabs, int kws, int cluster, float* part, u32* tickets,
         const int* pos, int rope_mask, int hd, int n_rot, float theta_scale, float freq_scale,
         const float* norm_w, float eps, int norm, void* kc, void* vc, int* pc, const int* kslots,
-        const int* kpos, int kv_f16, int kv_cap) {
+        const int* kpos, int kv_f16, int kv_cap, int early) {
 #ifdef MARLIN_HAVE_WGMMA
     constexpr int SCB = QT == 1 ? 256 : 128;       // a group's bytes in the gs section
     constexpr int CB = GPS * 1024, SB = GPS * SCB; // a stage: GPS groups' codes, their gs chunks,
@@ -1428,10 +1469,10 @@ __device__ __forceinline__ void marlin_wg_main(
         int t1, int t2, int t3, const void *A, int a_f16, int M, int K, int lda, const float *resid,      \
         int mode, int slabs, int kws, int cluster, float *part, u32 *tickets, const int *pos, int rope_mask, \
         int hd, int n_rot, float theta_scale, float freq_scale, const float *norm_w, float eps, int norm,      \
-        void *kc, void *vc, int *pc, const int *kslots, const int *kpos, int kv_f16, int kv_cap
+        void *kc, void *vc, int *pc, const int *kslots, const int *kpos, int kv_f16, int kv_cap, int early
 #define MARLIN_PASS w0, w1, w2, o0, o1, o2, N0, N1, N2, t1, t2, t3, A, a_f16, M, K, lda, resid, mode, slabs, kws, \
         cluster, part, tickets, pos, rope_mask, hd, n_rot, theta_scale, freq_scale, norm_w, eps, norm, kc, vc, pc, \
-        kslots, kpos, kv_f16, kv_cap
+        kslots, kpos, kv_f16, kv_cap, early
 
 // marlin_<type>_m<MT>[_glu]: 16*MT rows of A per tile; marlin_q4_0_{m,d}1_s<STAGES>g<GPS>: pipeline
 // variants of the m1 and d1 kernels for benchmarks/bench_marlin.py --sweep

@@ -542,7 +542,8 @@ class MarlinPlan:
             kw = -(-G // self.slabs) * 32
             # slabs reduced in a cluster's shared memory (no partials in global memory, no tickets)
             self.cluster = _use_cluster(self.slabs, rows, self.kws)
-            self.smem = _smem_bytes(variant, rows, kw, self.cluster, self.kws, t) + rope_bytes
+            kv_bytes = rows * 8 if len(ws) == 3 and glu is None and not residual else 0   # a KV fold's slots
+            self.smem = _smem_bytes(variant, rows, kw, self.cluster, self.kws, t) + rope_bytes + kv_bytes
             if self.smem > SMEM_LIMIT:
                 raise ValueError(f"Marlin: {self.smem} bytes of shared memory needed; use more slabs")
             self.grid = (-(-T // (8 // self.kws)), self.slabs, self.m_tiles)
@@ -561,14 +562,18 @@ class MarlinPlan:
         launch of the decode kernel over the whole k range (its store path writes the cache)."""
         return self.dec and self.slabs == 1 and len(self.ws) == 3 and self.glu is None and not self.residual
 
-    def __call__(self, a, outs, stream=None, resid=None, pos=None, norm_w=None, kv=None) -> None:
-        self.bind(a, outs, stream, resid, pos, norm_w, kv)()
+    def __call__(self, a, outs, stream=None, resid=None, pos=None, norm_w=None, kv=None, early=False) -> None:
+        self.bind(a, outs, stream, resid, pos, norm_w, kv, early)()
 
-    def bind(self, a, outs, stream=None, resid=None, pos=None, norm_w=None, kv=None) -> Callable[[], None]:
+    def bind(self, a, outs, stream=None, resid=None, pos=None, norm_w=None, kv=None,
+             early: bool = False) -> Callable[[], None]:
         """A zero-argument launch. pos: (M,) int32 positions when the plan ropes; norm_w: (K,) f32 or
         None when it folds an rms_norm (of a's rows, with norm_w's weights) in; kv: None, or
         (k_cache, v_cache, pos_cache, slots, kv_pos) to also write k and v (outputs 1 and 2) into a
-        layer's pages as attention_ops.kv_store does (``kv_fold_ok`` plans)."""
+        layer's pages as attention_ops.kv_store does (``kv_fold_ok`` plans). early: the caller's
+        promise that no kernel writes pos, slots or kv_pos (a graph's inputs, copied in before its
+        first kernel): a decode launch then reads them before PDL's wait, while the kernel before
+        it is still running."""
         import cupy
         M, K = self.M, self.K
         want = np.float16 if self.a_dtype == "f16" else np.float32
@@ -608,7 +613,7 @@ class MarlinPlan:
                 pos if self.rope_mask else None, np.int32(self.rope_mask), np.int32(self.rope_args[0]),
                 np.int32(self.rope_args[1]), np.float32(self.rope_args[2]), np.float32(self.rope_args[3]),
                 norm_w if self.norm is not None else None, np.float32(self.norm or 0.0),
-                np.int32(0 if self.norm is None else 1)) + kv_args
+                np.int32(0 if self.norm is None else 1)) + kv_args + (np.int32(1 if early else 0),)
         kern, grid, smem = self._kern, self.grid, self.smem
         block = (128 * WG_NWG[self.variant] if self.wg else THREADS,)
         if hasattr(kern, "ptr"):            # a driver function: launch with PDL (launch.py)

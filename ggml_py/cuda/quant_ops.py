@@ -520,10 +520,11 @@ class GroupPlan:
     def n_outputs(self) -> int:
         return 1 if self.mode else len(self.ws)
 
-    def bind(self, x, outs, stream=None, pos=None, norm_w=None, resid=None) -> Callable[[], None]:
+    def bind(self, x, outs, stream=None, pos=None, norm_w=None, resid=None, early=False) -> Callable[[], None]:
         """A zero-argument launch over these buffers (graph-capturable). outs: one (n, M_g) f32
         array per weight (glu: one (n, M)); pos: (n,) int32 positions when the plan ropes;
-        norm_w: (K,) f32 or None when it norms; resid: (n, M) f32 when it adds a residual."""
+        norm_w: (K,) f32 or None when it norms; resid: (n, M) f32 when it adds a residual; early:
+        accepted for the Marlin group's interface (these kernels read everything after PDL's wait)."""
         n, K = self.n, self.K
         _check_act(x, (n, K), "x", 16)
         outs = list(outs)
@@ -634,10 +635,12 @@ class _MarlinGroup:
         """Whether bind takes kv= (the KV-cache write of k and v folded into this q/k/v launch)."""
         return self.gemm.kv_fold_ok and marlin.kv_fold_enabled()
 
-    def bind(self, x, outs, stream=None, pos=None, norm_w=None, resid=None, kv=None) -> Callable[[], None]:
+    def bind(self, x, outs, stream=None, pos=None, norm_w=None, resid=None, kv=None,
+             early=False) -> Callable[[], None]:
+        """early: see MarlinPlan.bind (positions and KV slots no kernel writes)."""
         n, K = self.n, self.ws[0].cols
         _check_act(x, (n, K), "x", 16)
-        return self.gemm.bind(x, list(outs), stream, resid=resid, pos=pos, norm_w=norm_w, kv=kv)
+        return self.gemm.bind(x, list(outs), stream, resid=resid, pos=pos, norm_w=norm_w, kv=kv, early=early)
 
 
 def _marlin_group(ws, n: int, glu, rope, norm, residual):
