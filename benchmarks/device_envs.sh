@@ -6,15 +6,18 @@
 # timeline (PDL on and off: TRACE_PDL) under every config after tg128 under every config, interleaved, ROUNDS times.
 set -u
 source benchmarks/device_setup.sh >/dev/null || exit 1
-[ -s /tmp/llama8b-q4_0.gguf ] || \
-  ( python3 benchmarks/make_synthetic.py --shape llama3-8b --type Q4_0 -o /tmp/llama8b-q4_0.gguf > $OUT/synth.log 2>&1 & )
+SYNTH=
+if [ ! -s /tmp/llama8b-q4_0.gguf ]; then
+  python3 benchmarks/make_synthetic.py --shape llama3-8b --type Q4_0 -o /tmp/llama8b-q4_0.gguf > $OUT/synth.log 2>&1 &
+  SYNTH=$!
+fi
 CONFIGS="${CONFIGS:--}"
 envof() { [ "$1" = "-" ] && echo "" || echo "$1" | tr ',' ' '; }
 if [ -n "${TESTK:-}" ]; then
   env $(envof "${TESTENV:--}") timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_marlin.py -k "$TESTK" 2>&1 \
     | tee $OUT/tests.log | grep -E "passed|failed|Error" | tail -8
 fi
-while pgrep -f make_synthetic >/dev/null; do sleep 2; done
+[ -n "$SYNTH" ] && wait $SYNTH
 for r in $(seq ${ROUNDS:-2}); do
   for c in $CONFIGS; do
     v=$(env $(envof "$c") timeout 120 python3 -m cli.main bench -m /tmp/llama8b-q4_0.gguf --backend cupy -p 0 -n 128 -r 3 2>&1 \
