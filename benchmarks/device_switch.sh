@@ -7,8 +7,11 @@
 set -u
 source benchmarks/device_setup.sh >/dev/null || exit 1
 SW=${SWITCH:?SWITCH=<environment variable> (set to 1 and 0)}
-[ "${AB:-1}" = 1 ] && [ ! -s /tmp/llama8b-q4_0.gguf ] && \
-  ( python3 benchmarks/make_synthetic.py --shape llama3-8b --type Q4_0 -o /tmp/llama8b-q4_0.gguf > $OUT/synth.log 2>&1 & )
+SYNTH=
+if [ "${AB:-1}" = 1 ] && [ ! -s /tmp/llama8b-q4_0.gguf ]; then
+  python3 benchmarks/make_synthetic.py --shape llama3-8b --type Q4_0 -o /tmp/llama8b-q4_0.gguf > $OUT/synth.log 2>&1 &
+  SYNTH=$!
+fi
 if [ -n "${TESTK:-}" ]; then
   timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_marlin.py -k "$TESTK" 2>&1 \
     | tee $OUT/tests.log | grep -E "passed|failed|Error" | tail -8
@@ -21,7 +24,7 @@ for v in 1 0; do
   echo "$SW=$v"; env $SW=$v timeout 100 python3 benchmarks/bench_marlin.py --types Q4_0 --ms 1 --layer 2>&1 | tail -7
 done | tee $OUT/layer.txt
 if [ "${AB:-1}" = 1 ]; then
-  while pgrep -f make_synthetic >/dev/null; do sleep 2; done
+  [ -n "$SYNTH" ] && wait $SYNTH
   for v in 1 0 1 0; do
     r=$(env $SW=$v timeout 100 python3 -m cli.main bench -m /tmp/llama8b-q4_0.gguf --backend cupy -p 0 -n 128 -r 3 2>&1 | grep tg128 | awk -F'|' '{print $(NF-1)}')
     echo "$SW=$v: $r"

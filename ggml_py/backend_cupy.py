@@ -1122,10 +1122,9 @@ class CupyBackend(Backend):
         if rg.pos is not None:
             kw["pos"] = b.vals[rg.pos.index]
         # positions and KV slots that are graph inputs (copied in before the first kernel, written by
-        # none) may be read before PDL's wait (GGFLAT_MARLIN_EARLY=0: never, an A/B switch)
+        # none) may be read before PDL's wait
         ins = ([rg.pos] if rg.pos is not None else []) + (list(rg.kv.src[3:5]) if rg.kv is not None else [])
-        kw["early"] = (os.environ.get("GGFLAT_MARLIN_EARLY", "1").strip().lower() not in ("0", "off", "no", "false")
-                       and all(self._input_root(b, t) is not None for t in ins))
+        kw["early"] = all(self._input_root(b, t) is not None for t in ins)
         if rg.norm is not None:
             kw["norm_w"] = self._dense_weight(rg.norm.src[1].name) if len(rg.norm.src) > 1 else None
         if rg.resid is not None:

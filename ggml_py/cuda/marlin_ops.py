@@ -180,6 +180,11 @@ def kv_fold_enabled() -> bool:
     return _env_on("GGFLAT_MARLIN_KVFOLD")
 
 
+def early_enabled() -> bool:
+    """GGFLAT_MARLIN_EARLY=0 makes bind ignore ``early`` (every read after PDL's wait; A/B measurements)."""
+    return _env_on("GGFLAT_MARLIN_EARLY")
+
+
 def _config(M: int) -> str:
     """The default kernel variant (without _glu) for M rows of A. Above 16 rows m2 (32-row tiles,
     128 registers: two CTAs a SM) in as many row tiles as needed: at 64 rows it measured faster than
@@ -542,7 +547,7 @@ class MarlinPlan:
             kw = -(-G // self.slabs) * 32
             # slabs reduced in a cluster's shared memory (no partials in global memory, no tickets)
             self.cluster = _use_cluster(self.slabs, rows, self.kws)
-            kv_bytes = rows * 8 if len(ws) == 3 and glu is None and not residual else 0   # a KV fold's slots
+            kv_bytes = rows * 8 if self.kv_fold_ok else 0   # a KV fold's slots and positions (early)
             self.smem = _smem_bytes(variant, rows, kw, self.cluster, self.kws, t) + rope_bytes + kv_bytes
             if self.smem > SMEM_LIMIT:
                 raise ValueError(f"Marlin: {self.smem} bytes of shared memory needed; use more slabs")
@@ -613,7 +618,7 @@ class MarlinPlan:
                 pos if self.rope_mask else None, np.int32(self.rope_mask), np.int32(self.rope_args[0]),
                 np.int32(self.rope_args[1]), np.float32(self.rope_args[2]), np.float32(self.rope_args[3]),
                 norm_w if self.norm is not None else None, np.float32(self.norm or 0.0),
-                np.int32(0 if self.norm is None else 1)) + kv_args + (np.int32(1 if early else 0),)
+                np.int32(0 if self.norm is None else 1)) + kv_args + (np.int32(1 if early and early_enabled() else 0),)
         kern, grid, smem = self._kern, self.grid, self.smem
         block = (128 * WG_NWG[self.variant] if self.wg else THREADS,)
         if hasattr(kern, "ptr"):            # a driver function: launch with PDL (launch.py)
