@@ -50,6 +50,9 @@ typedef long long i64;
 #ifndef MARLIN_TRACE
 #define MARLIN_TRACE 0
 #endif
+#ifndef MARLIN_PAR_EPI
+#define MARLIN_PAR_EPI 1                           // marlin_store_elementwise (0: one warp a tile, for A/B runs)
+#endif
 #if MARLIN_TRACE
 #define MARLIN_TRACE_CAP (1 << 18)
 #define MARLIN_TRACE_W 16
@@ -321,6 +324,60 @@ __device__ __forceinline__ float2 rope_cs(int pos, int p, float theta_scale, flo
     return make_float2((float)cv, (float)sv);
 }
 
+#if MARLIN_PAR_EPI
+// The store path of a kws > 1 launch with one slab, on all the CTA's threads: red holds every warp's
+// sums ([warp][w][rows][64]); thread e takes element e of the CTA's tiles, sums its k-warps in the
+// order the one-warp path does (so the same bits), and applies the epilogue: rope (the pair's
+// partner is column col ^ 1), glu, residual, store, KV-cache write. Instead of one warp a tile
+// walking 64 x rows elements with dependent shuffles and loads (8B q/k/v: 3.3 us from the
+// k-reduction to the end, benchmarks/RESULTS.md session 7).
+template <int NWT, bool GLU, int PX>
+__device__ __forceinline__ void marlin_store_elementwise(const MarlinJob& j, const float* red) {
+    const int rows = j.rows, kws = j.kws, per = rows * 64, tiles = 8 / kws;
+    for (int e = threadIdx.x; e < tiles * per; e += MARLIN_THREADS) {
+        const int tl = e / per, rem = e - tl * per, row = rem >> 6, col = rem & 63;
+        const int t = blockIdx.x * tiles + tl;
+        if (t >= j.t3) continue;
+        const TileRef re = tile_ref(t, j.t1, j.t2, j.N0, j.N1, j.N2, nullptr, nullptr, nullptr);
+        const int g = re.g, N = re.N, n = re.nt * 64 + col;
+        if (n >= N) continue;
+        auto sum = [&](int c, int w) {
+            float v = red[(((tl * kws) * NWT + w) * rows + row) * 64 + c];
+            for (int q = 1; q < kws; ++q) v += red[(((tl * kws + q) * NWT + w) * rows + row) * 64 + c];
+            return v;
+        };
+        float a = sum(col, 0);
+        const float b = NWT == 2 ? sum(col, 1) : a;
+        if (PX != 0 && ((j.rope_mask >> g) & 1)) {
+            const int i = n % j.hd;
+            if (i < j.n_rot) {
+                const float other = sum(col ^ 1, 0);
+                const float2 cs = j.rtab[row * (j.n_rot >> 1) + (i >> 1)];
+                const float a0 = (i & 1) ? other : a, a1 = (i & 1) ? a : other;
+                a = (i & 1) ? __fadd_rn(__fmul_rn(a0, cs.y), __fmul_rn(a1, cs.x))
+                            : __fsub_rn(__fmul_rn(a0, cs.x), __fmul_rn(a1, cs.y));
+            }
+        }
+        const int m0 = j.m0;
+        const i64 o = (i64)(m0 + row) * N + n;
+        float v = a;
+        if (GLU) v = (j.mode == 1 ? act_silu(v) : act_gelu(v)) * b;
+        else if (j.mode == 3) v += j.resid[o];
+        (g == 0 ? j.o0 : (g == 1 ? j.o1 : j.o2))[o] = v;
+        if (PX != 0 && j.kv.kc != nullptr && g != 0) {
+            const int s = j.kv.sk ? j.kv.sk[2 * row] : j.kv.slots[m0 + row];
+            if (s >= 0 && s < j.kv.cap) {
+                const i64 ce = (i64)s * N + n;
+                void* c = g == 1 ? j.kv.kc : j.kv.vc;
+                if (j.kv.f16) reinterpret_cast<half*>(c)[ce] = __float2half_rn(v);
+                else reinterpret_cast<float*>(c)[ce] = v;
+                if (g == 1 && n == 0) j.kv.pc[s] = j.kv.sk ? j.kv.sk[2 * row + 1] : j.kv.pos[m0 + row];
+            }
+        }
+    }
+}
+#endif
+
 template <int NWT, bool GLU, int PX, typename Each>
 __device__ __forceinline__ void marlin_finish(const MarlinJob& j, Each&& each, u8* smem, int warp, int lane,
                                               int t, bool active, int sub, int g, int nt, int N) {
@@ -328,6 +385,20 @@ __device__ __forceinline__ void marlin_finish(const MarlinJob& j, Each&& each, u
     if (j.kws > 1) {                               // the tile's other k-warps -> its first (sub == 0)
         __syncthreads();                           // every ring is drained
         float* red = reinterpret_cast<float*>(smem);             // [warp][w][rows][64]
+#if MARLIN_PAR_EPI
+        if (j.slabs == 1 && !j.cluster) {          // the store path, element by element on all 8 warps
+            if (active)
+                each([&](int row, int col, float& a, float& b) {
+                    if (row < rows) {
+                        red[((warp * NWT) * rows + row) * 64 + col] = a;
+                        if (NWT == 2) red[((warp * NWT + 1) * rows + row) * 64 + col] = b;
+                    }
+                });
+            __syncthreads();
+            marlin_store_elementwise<NWT, GLU, PX>(j, red);
+            return;
+        }
+#endif
         if (active && sub != 0) {
             each([&](int row, int col, float& a, float& b) {
                 if (row < rows) {

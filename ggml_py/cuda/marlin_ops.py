@@ -100,7 +100,10 @@ def _module():
     # sm_90a: the architecture-specific features (wgmma) of the warpgroup kernels; NVRTC takes it over
     # the plain -arch=sm_90 that CuPy adds. Elsewhere those kernels compile to empty bodies, unused.
     opts = ("-arch=sm_90a",) if wg_available() else ()
-    return load_module("marlin", opts + (("-DMARLIN_TRACE=1",) if trace_enabled() else ()))
+    opts += ("-DMARLIN_TRACE=1",) if trace_enabled() else ()
+    # GGFLAT_MARLIN_PAREPI=0: the one-warp-a-tile store epilogue of before, for A/B runs
+    opts += () if _env_on("GGFLAT_MARLIN_PAREPI", "1") else ("-DMARLIN_PAR_EPI=0",)
+    return load_module("marlin", opts)
 
 
 _fns: dict[tuple[str, bool], Any] = {}
