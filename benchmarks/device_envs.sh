@@ -2,7 +2,8 @@
 # One device call (carry .whl): build-time / run-time switches of the Marlin path compared on the
 # synthetic 8B, each config an environment assignment list ("-" for none):
 #   CONFIGS="- GGFLAT_MARLIN_ACOAL=1 GGFLAT_MARLIN_ACOAL=1,GGFLAT_MARLIN_PREALL=1" bash benchmarks/device_envs.sh
-# TESTK / TESTENV: test_marlin.py tests to run first under TESTENV; TRACE=1: trace_decode.py's
+# TESTK / TESTENV / TESTF: tests to run first (-k TESTK; "all" for every test) of TESTF (default
+# tests/test_marlin.py) under TESTENV; TRACE=1: trace_decode.py's
 # timeline (PDL on and off: TRACE_PDL) under every config after tg128 under every config, interleaved, ROUNDS times.
 set -u
 source benchmarks/device_setup.sh >/dev/null || exit 1
@@ -14,7 +15,8 @@ fi
 CONFIGS="${CONFIGS:--}"
 envof() { [ "$1" = "-" ] && echo "" || echo "$1" | tr ',' ' '; }
 if [ -n "${TESTK:-}" ]; then
-  env $(envof "${TESTENV:--}") timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_marlin.py -k "$TESTK" 2>&1 \
+  K=(-k "$TESTK"); [ "$TESTK" = all ] && K=()
+  env $(envof "${TESTENV:--}") timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider ${TESTF:-tests/test_marlin.py} "${K[@]}" 2>&1 \
     | tee $OUT/tests.log | grep -E "passed|failed|Error" | tail -8
 fi
 [ -n "$SYNTH" ] && wait $SYNTH
