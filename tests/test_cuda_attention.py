@@ -387,48 +387,6 @@ def test_cuda_graph_decode_replay(window, softcap, split_keys):
     print(f"graph replay 1..300: worst NMSE {worst:.3g}")
 
 
-_SLOW_WRITE = r"""
-extern "C" __global__ void slow_write(const float* src, float* dst, int n, long long ns) {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");   // dependents may start now
-#endif
-    unsigned long long t0, t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
-    do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); } while (t - t0 < (unsigned long long)ns);
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) dst[i] = src[i];
-}
-"""
-
-
-@pytest.mark.parametrize("pdl", ["0", "1", "2"])
-def test_decode_waits_for_the_kernel_before_it(pdl, monkeypatch):
-    """GGFLAT_ATTN_PDL: the decode kernel launched with PDL (2) starts while the launch before it runs
-    (that launch triggers at once, as q/k/v's GEMM does) and must wait for it before reading q. The
-    launch before writes q only after 200 us: a decode that read q early would use the stale zeros."""
-    cp = _cupy()
-    monkeypatch.setenv("GGFLAT_ATTN_PDL", pdl)
-    H, hkv, dk = 32, 8, 128
-    rng = np.random.default_rng(7)
-    L = 100
-    q, kc, vc, pc, bt, qpos = make_case(rng, 1, H, hkv, dk, "f16", L)
-    d = {k: cp.asarray(v) for k, v in dict(kc=kc, vc=vc, pc=pc, bt=bt, qpos=qpos).items()}
-    kl = cp.asarray(np.array([L], np.int32))
-    src, dq = cp.asarray(q), cp.zeros(q.shape, cp.float32)
-    out = cp.full((1, H * dk), np.nan, cp.float32)
-    scratch = cp.full(ao.attention_scratch_bytes(1, H, dk, bt.shape[0] * PAGE, hkv, PAGE), 0xA5, cp.uint8)
-    stream = cp.cuda.Stream(non_blocking=True)
-    slow = cp.RawKernel(_SLOW_WRITE, "slow_write")
-    step = ao.plan_attention(dq, d["kc"], d["vc"], d["pc"], d["bt"], kl, d["qpos"], out, 1.0 / np.sqrt(dk), 0, 0.0,
-                             stream, scratch)
-    cp.cuda.runtime.deviceSynchronize()
-    with stream:
-        slow((4,), (128,), (src, dq, np.int32(q.size), np.int64(200_000)))
-    step()
-    stream.synchronize()
-    ref = reference(q, kc, vc, pc, bt, L, qpos, 1.0 / np.sqrt(dk), 0, 0.0)
-    check(cp.asnumpy(out), ref, "f16", f"GGFLAT_ATTN_PDL={pdl}", "decode-pdl")
-
-
 class Reference:
     """ops.attention on the NumPy backend over one layer's host pages, planned once, run per kv_len."""
 

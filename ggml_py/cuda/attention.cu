@@ -662,27 +662,15 @@ __device__ __forceinline__ void decode_impl(
     unsigned* __restrict__ counters, float* __restrict__ out,                                      \
     int n, int H, int Hkv, int n_pages, int max_pages, int splits, int min_units, int flat_max,    \
     float qscale, float cap2, int window
-// Every decode kernel starts by letting the launch after it (the o projection's Marlin GEMM, launched
-// with PDL) start streaming its weights, then waits for the grid before it (q/k/v, which writes q
-// and the cache) when it was itself launched with PDL (attention_ops: GGFLAT_ATTN_PDL). Both are
-// no-ops otherwise. ATTN_DEC_TRIGGER=0 (GGFLAT_ATTN_PDL=0) leaves the trigger out, for A/B runs.
-#ifndef ATTN_DEC_TRIGGER
-#define ATTN_DEC_TRIGGER 1
-#endif
-#define DECODE_PDL()                     \
-    do {                                 \
-        if (ATTN_DEC_TRIGGER) PDL_TRIGGER(); \
-        PDL_WAIT();                      \
-    } while (0)
 #define ATTN_DECODE_PASS q, kc, vc, pc, bt, kv_len, q_pos, part_ml, part_acc, counters, out, n, H, Hkv, \
     n_pages, max_pages, splits, min_units, flat_max, qscale, cap2, window
 
 extern "C" __global__ void __launch_bounds__(DEC_NT, 2) attn_decode_r4(ATTN_DECODE_ARGS) {
-    DECODE_PDL();
+    PDL_TRIGGER();
     decode_impl<4>(ATTN_DECODE_PASS);
 }
 extern "C" __global__ void __launch_bounds__(DEC_NT, 2) attn_decode_r8(ATTN_DECODE_ARGS) {
-    DECODE_PDL();
+    PDL_TRIGGER();
     decode_impl<8>(ATTN_DECODE_PASS);
 }
 
@@ -1402,12 +1390,15 @@ __device__ __forceinline__ void decode_tc_impl(ATTN_DECODE_ARGS)
 }
 
 extern "C" __global__ void __launch_bounds__(128, 2) attn_decode_tc(ATTN_DECODE_ARGS) {
-    DECODE_PDL();
+    PDL_TRIGGER();
     decode_tc_impl<false>(ATTN_DECODE_PASS);
 }
 #if __CUDA_ARCH__ >= 900 || !defined(__CUDA_ARCH__)
+// No PDL trigger here, unlike the other decode kernels: the o projection launched early from it
+// measured slower twice (8B tg128 -2..-5%, benchmarks/RESULTS.md sessions 4 and 8). Its CTAs and the
+// gate/up launch that o in turn lets start early stream weights while attention and o's reduction
+// run, and o's tail grew by 2 us.
 extern "C" __global__ void __launch_bounds__(128, 2) attn_decode_tcb(ATTN_DECODE_ARGS) {
-    DECODE_PDL();
     if constexpr (DTC_BULK_OK) decode_tc_impl<true>(ATTN_DECODE_PASS);
 }
 #endif

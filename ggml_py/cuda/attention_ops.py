@@ -271,22 +271,11 @@ def _partials_bytes(splits: int, rows: int, dv: int) -> int:
 
 # -- kernels ----------------------------------------------------------------------------------------
 
-def decode_pdl() -> int:
-    """GGFLAT_ATTN_PDL: how the decode kernels take part in programmatic dependent launch (PDL).
-    2 (default): they let the next launch start at once (the o projection streams its weights while
-    attention runs) and are themselves launched with PDL, so their blocks are resident when q/k/v
-    ends; 1: the first only; 0: neither (for A/B runs)."""
-    import os
-    v = os.environ.get("GGFLAT_ATTN_PDL", "2").strip()
-    return int(v) if v in ("0", "1", "2") else 2
-
-
 def _function(kvb: int, dk: int, dv: int, page: int, name: str, smem: int = 0) -> Any:
     """Kernel ``name`` of the module for this geometry, as a callable (grid, block, args, smem, stream)."""
     opts = (f"-DATTN_KV_F16={int(kvb == 2)}", f"-DATTN_DK={dk}", f"-DATTN_DV={dv}",
             f"-DATTN_PAGE={page}", f"-DATTN_DEC_STAGES={decode_stages(kvb, dk, dv)}",
             f"-DATTN_DEC_TC_STAGES={decode_tc_stages(dk, dv)}")
-    opts += ("-DATTN_DEC_TRIGGER=0",) if decode_pdl() == 0 else ()
     key = (opts, name)
     fn = _functions.get(key)
     if fn is None:
@@ -299,18 +288,8 @@ def _function(kvb: int, dk: int, dv: int, page: int, name: str, smem: int = 0) -
     return fn
 
 
-def _launch(fn: Any, grid: tuple[int, ...], block: int, args: tuple, smem: int, stream: Any,
-            programmatic: bool = False) -> Step:
-    """programmatic: launch with PDL (launch.launcher) where ``fn`` is a driver function; the kernel
-    must then wait (PDL_WAIT) before it reads what the launch before it writes."""
-    grid = tuple(int(g) for g in grid)
-    if programmatic and hasattr(fn, "ptr"):
-        import cupy
-
-        from .launch import launcher
-        st = stream if stream is not None else cupy.cuda.get_current_stream()
-        return launcher(fn, grid, (int(block),), args, int(smem), st, programmatic=True)
-    return partial(fn, grid, (int(block),), args, int(smem), stream)
+def _launch(fn: Any, grid: tuple[int, ...], block: int, args: tuple, smem: int, stream: Any) -> Step:
+    return partial(fn, tuple(int(g) for g in grid), (int(block),), args, int(smem), stream)
 
 
 def _nothing() -> None:
@@ -461,7 +440,7 @@ def plan_attention(q: Any, k_cache: Any, v_cache: Any, pos_cache: Any, block_tab
         return _launch(f_dec, (ns, hkv), DEC_NT,
                        (q, k_cache, v_cache, pos_cache, block_table, kv_len, q_pos, part_ml, part_acc, counters, out)
                        + common + (np.int32(ns), np.int32(split_min_units(sk, page)), np.int32(fm)) + tail,
-                       smem, stream, programmatic=decode_pdl() == 2)
+                       smem, stream)
 
     _need(mode == "prefill", f"attention: unknown mode {mode!r}")
     kind = prefill_kernel or ("tc" if tc_ok else "fma")

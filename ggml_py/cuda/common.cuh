@@ -6,14 +6,10 @@
 // Programmatic dependent launch (Hopper): let a kernel launched after this one with the PDL
 // attribute (the Marlin GEMM, ggml_py/cuda/launch.py) start its weight loads now; it waits for
 // this grid to finish before it reads anything this grid writes.
-// PDL_WAIT: a kernel itself launched with the attribute waits here for the grid before it (and that
-// grid's memory operations) to complete; without the attribute it returns at once.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define PDL_TRIGGER() asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory")
-#define PDL_WAIT() asm volatile("griddepcontrol.wait;\n" ::: "memory")
 #else
 #define PDL_TRIGGER()
-#define PDL_WAIT()
 #endif
 
 // The gate activations, in the NumPy backend's step order.
