@@ -55,7 +55,7 @@ def main(argv=None) -> None:
     key = [(int(r[4] >> 32), int(r[4] & 0xffffffff), int(r[5] >> 32), int(r[5] & 0xffffffff),
             int(r[7] >> 32), int((r[7] >> 8) & 0xffffff)) for r in buf]
     # the finer stamps (words 8-13), in the order a warp passes them; 0 where a warp did not
-    fine = {"wait": 8, "A staged": 9, "norm": 10, "rope": 11, "ready": 1, "loop end": 2, "k-reduced": 12,
+    fine = {"wait": 8, "A first": 14, "A staged": 9, "norm": 10, "rope": 11, "ready": 1, "loop end": 2, "k-reduced": 12,
             "ticket": 13, "end": 3}
     launches = []                                      # (kind, start, ready, loop_end, end)
     by = defaultdict(list)
@@ -117,6 +117,23 @@ def main(argv=None) -> None:
     print("|---|" + "---:|" * len(cols2))
     for k, tl in sorted(timeline.items(), key=lambda kv: -np.mean(stats[kv[0]]["span"]) * len(stats[kv[0]]["span"])):
         print(f"| {names[k]} | " + " | ".join(f"{np.mean(tl[c]) / 1e3:.2f}" if tl.get(c) else "" for c in cols2) + " |")
+    # each warp's own phases (its stamps minus its own previous stamp), median and 90th percentile over
+    # the warps of every launch of a kind: a phase long in every warp is the code's, long only at the
+    # top is a few stragglers'
+    steps = [("wait", 0, 8), ("A first", 8, 14), ("A rest", 14, 9), ("A staged->ready", 9, 1),
+             ("loop", 1, 2), ("tail", 2, 3)]
+    print()
+    print("Each warp's phases (us, median / 90th percentile over the warps):")
+    print("| launch | " + " | ".join(n for n, _, _ in steps) + " |")
+    print("|---|" + "---:|" * len(steps))
+    for k, tl in sorted(timeline.items(), key=lambda kv: -np.mean(stats[kv[0]]["span"]) * len(stats[kv[0]]["span"])):
+        raw = np.concatenate([b for kk, _, b in launches if kk == k])
+        cells = []
+        for _, a, b in steps:
+            ok = (raw[:, a] > 0) & (raw[:, b] > 0)
+            d = (raw[ok, b] - raw[ok, a]) / 1e3
+            cells.append(f"{np.median(d):.2f} / {np.percentile(d, 90):.2f}" if d.size else "")
+        print(f"| {names[k]} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -50,6 +50,9 @@ typedef long long i64;
 #ifndef MARLIN_TRACE
 #define MARLIN_TRACE 0
 #endif
+#ifndef MARLIN_TRIG_LATE
+#define MARLIN_TRIG_LATE 0                         // (experiment) the decode kernel's PDL trigger after its loop
+#endif
 #ifndef MARLIN_PAR_EPI
 #define MARLIN_PAR_EPI 1                           // marlin_store_elementwise (0: one warp a tile, for A/B runs)
 #endif
@@ -875,7 +878,7 @@ __device__ __forceinline__ void marlin_dec_main(
 #if MARLIN_TRACE
     if (lane == 0) marlin_trace_mark[trace_warp_id() * 2] = marlin_trace_mark[trace_warp_id() * 2 + 1] = 0ull;
 #endif
-    PDL_TRIGGER();
+    if (!MARLIN_TRIG_LATE) PDL_TRIGGER();
     issue(0, 0);                                   // weights: nothing before us writes them
     // The rope's angles: the positions' loads and the double sincos take 1 us. `early` (the host's
     // promise that the positions and the KV fold's slots are the graph's inputs, which no kernel
@@ -968,6 +971,7 @@ __device__ __forceinline__ void marlin_dec_main(
     };
     if (threadIdx.x == 0) *reinterpret_cast<uint4*>(sZero) = make_uint4(0, 0, 0, 0);
     if ((int)threadIdx.x < items && PROBE != 2) stage_a(threadIdx.x);
+    TRACE_T(tra0);
 #pragma unroll
     for (int i = 1; i < STAGES - 1; ++i) issue(i, i);
     for (int it = threadIdx.x + MARLIN_THREADS; it < items && PROBE != 2; it += MARLIN_THREADS) stage_a(it);
@@ -1083,6 +1087,7 @@ __device__ __forceinline__ void marlin_dec_main(
     });
     cp_wait<0>();
     TRACE_T(tr2);
+    if (MARLIN_TRIG_LATE) PDL_TRIGGER();
     const MarlinJob job{o0, o1, o2, N0, N1, N2, t1, t2, t3, M, m0, rows, slabs, kws, cluster, mode, y, resid, part,
                         tickets, sRope, rope_mask, hd, n_rot, KVFold{kc, vc, pc, kslots, kpos, kv_f16, kv_cap, early && kc != nullptr ? sKV : nullptr}};
     if (norm) {                                    // the rms_norm's 1 / sqrt(mean(x^2) + eps) of each row
@@ -1120,7 +1125,7 @@ __device__ __forceinline__ void marlin_dec_main(
             r[7] = ((unsigned long long)gridDim.x << 32) | ((unsigned)gridDim.y << 8) | (unsigned)ng;
             r[8] = trw; r[9] = tra; r[10] = trn; r[11] = trr;
             r[12] = marlin_trace_mark[trace_warp_id() * 2]; r[13] = marlin_trace_mark[trace_warp_id() * 2 + 1];
-            r[14] = r[15] = 0ull;
+            r[14] = tra0; r[15] = 0ull;
         }
     }
 #endif
