@@ -4,7 +4,7 @@
 #   CONFIGS="- GGFLAT_MARLIN_ACOAL=1 GGFLAT_MARLIN_ACOAL=1,GGFLAT_MARLIN_PREALL=1" bash benchmarks/device_envs.sh
 # TESTK / TESTENV / TESTF: tests to run first (-k TESTK; "all" for every test) of TESTF (default
 # tests/test_marlin.py) under TESTENV; TRACE=1: trace_decode.py's
-# timeline (PDL on and off: TRACE_PDL) under every config after tg128 under every config, interleaved, ROUNDS times.
+# timeline (PDL on and off: TRACE_PDL) under every config (or TRACE_CONFIGS) after tg128 under every config, interleaved, ROUNDS times.
 set -u
 source benchmarks/device_setup.sh >/dev/null || exit 1
 SYNTH=
@@ -28,8 +28,8 @@ for r in $(seq ${ROUNDS:-2}); do
   done
 done | tee $OUT/ab.md
 if [ "${TRACE:-0}" = 1 ]; then
-  for c in $CONFIGS; do for pdl in ${TRACE_PDL:-0 1}; do
+  for c in ${TRACE_CONFIGS:-$CONFIGS}; do for pdl in ${TRACE_PDL:-0 1}; do
     echo "== $c PDL=$pdl"
-    env $(envof "$c") GGFLAT_PDL=$pdl timeout 150 python3 benchmarks/trace_decode.py -m /tmp/llama8b-q4_0.gguf 2>&1 | tail -9
+    env $(envof "$c") GGFLAT_PDL=$pdl timeout 150 python3 benchmarks/trace_decode.py -m /tmp/llama8b-q4_0.gguf 2>&1 | tail -18
   done; done | tee $OUT/trace.txt
 fi

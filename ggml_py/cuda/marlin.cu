@@ -53,6 +53,9 @@ typedef long long i64;
 #ifndef MARLIN_TRIG_LATE
 #define MARLIN_TRIG_LATE 0                         // (experiment) the decode kernel's PDL trigger after its loop
 #endif
+#ifndef MARLIN_APRE
+#define MARLIN_APRE 0                              // (experiment) L2 prefetch of A's lines before PDL's wait
+#endif
 #ifndef MARLIN_PAR_EPI
 #define MARLIN_PAR_EPI 1                           // marlin_store_elementwise (0: one warp a tile, for A/B runs)
 #endif
@@ -899,6 +902,11 @@ __device__ __forceinline__ void marlin_dec_main(
         if (norm && norm_w && (int)threadIdx.x < ngc)
             asm volatile("prefetch.global.L2 [%0];\n" :: "l"(norm_w + (i64)(g0 + threadIdx.x) * 32));
         if (rope_mask) rope_table();
+    }
+    if (MARLIN_APRE && (int)threadIdx.x < rows * ngc) {   // (experiment) this thread's first A item, L2
+        const int r = threadIdx.x / ngc, gg = threadIdx.x - r * ngc;
+        const char* a = reinterpret_cast<const char*>(Av) + ((i64)(m0 + r) * lda + (i64)(g0 + gg) * 32) * (a_f16 ? 2 : 4);
+        asm volatile("prefetch.global.L2 [%0];\n" :: "l"(a));
     }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     // launched with PDL: A (and every buffer written below) belongs to the previous kernel until it
