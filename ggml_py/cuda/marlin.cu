@@ -56,6 +56,9 @@ typedef long long i64;
 #ifndef MARLIN_APRE
 #define MARLIN_APRE 0                              // (experiment) L2 prefetch of A's lines before PDL's wait
 #endif
+#ifndef MARLIN_AFIRST
+#define MARLIN_AFIRST 0                            // (experiment) no weight stage before A's first item
+#endif
 #ifndef MARLIN_PAR_EPI
 #define MARLIN_PAR_EPI 1                           // marlin_store_elementwise (0: one warp a tile, for A/B runs)
 #endif
@@ -882,7 +885,7 @@ __device__ __forceinline__ void marlin_dec_main(
     if (lane == 0) marlin_trace_mark[trace_warp_id() * 2] = marlin_trace_mark[trace_warp_id() * 2 + 1] = 0ull;
 #endif
     if (!MARLIN_TRIG_LATE) PDL_TRIGGER();
-    issue(0, 0);                                   // weights: nothing before us writes them
+    if (!MARLIN_AFIRST) issue(0, 0);               // weights: nothing before us writes them
     // The rope's angles: the positions' loads and the double sincos take 1 us. `early` (the host's
     // promise that the positions and the KV fold's slots are the graph's inputs, which no kernel
     // writes) moves them, with the slots into shared memory and an L2 hint for the norm's weights,
@@ -980,6 +983,7 @@ __device__ __forceinline__ void marlin_dec_main(
     if (threadIdx.x == 0) *reinterpret_cast<uint4*>(sZero) = make_uint4(0, 0, 0, 0);
     if ((int)threadIdx.x < items && PROBE != 2) stage_a(threadIdx.x);
     TRACE_T(tra0);
+    if (MARLIN_AFIRST) issue(0, 0);
 #pragma unroll
     for (int i = 1; i < STAGES - 1; ++i) issue(i, i);
     for (int it = threadIdx.x + MARLIN_THREADS; it < items && PROBE != 2; it += MARLIN_THREADS) stage_a(it);
