@@ -50,15 +50,6 @@ typedef long long i64;
 #ifndef MARLIN_TRACE
 #define MARLIN_TRACE 0
 #endif
-#ifndef MARLIN_TRIG_LATE
-#define MARLIN_TRIG_LATE 0                         // (experiment) the decode kernel's PDL trigger after its loop
-#endif
-#ifndef MARLIN_APRE
-#define MARLIN_APRE 0                              // (experiment) L2 prefetch of A's lines before PDL's wait
-#endif
-#ifndef MARLIN_AFIRST
-#define MARLIN_AFIRST 0                            // (experiment) no weight stage before A's first item
-#endif
 #ifndef MARLIN_PAR_EPI
 #define MARLIN_PAR_EPI 1                           // marlin_store_elementwise (0: one warp a tile, for A/B runs)
 #endif
@@ -884,8 +875,8 @@ __device__ __forceinline__ void marlin_dec_main(
 #if MARLIN_TRACE
     if (lane == 0) marlin_trace_mark[trace_warp_id() * 2] = marlin_trace_mark[trace_warp_id() * 2 + 1] = 0ull;
 #endif
-    if (!MARLIN_TRIG_LATE) PDL_TRIGGER();
-    if (!MARLIN_AFIRST) issue(0, 0);               // weights: nothing before us writes them
+    PDL_TRIGGER();
+    issue(0, 0);                                   // weights: nothing before us writes them
     // The rope's angles: the positions' loads and the double sincos take 1 us. `early` (the host's
     // promise that the positions and the KV fold's slots are the graph's inputs, which no kernel
     // writes) moves them, with the slots into shared memory and an L2 hint for the norm's weights,
@@ -905,11 +896,6 @@ __device__ __forceinline__ void marlin_dec_main(
         if (norm && norm_w && (int)threadIdx.x < ngc)
             asm volatile("prefetch.global.L2 [%0];\n" :: "l"(norm_w + (i64)(g0 + threadIdx.x) * 32));
         if (rope_mask) rope_table();
-    }
-    if (MARLIN_APRE && (int)threadIdx.x < rows * ngc) {   // (experiment) this thread's first A item, L2
-        const int r = threadIdx.x / ngc, gg = threadIdx.x - r * ngc;
-        const char* a = reinterpret_cast<const char*>(Av) + ((i64)(m0 + r) * lda + (i64)(g0 + gg) * 32) * (a_f16 ? 2 : 4);
-        asm volatile("prefetch.global.L2 [%0];\n" :: "l"(a));
     }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     // launched with PDL: A (and every buffer written below) belongs to the previous kernel until it
@@ -983,7 +969,6 @@ __device__ __forceinline__ void marlin_dec_main(
     if (threadIdx.x == 0) *reinterpret_cast<uint4*>(sZero) = make_uint4(0, 0, 0, 0);
     if ((int)threadIdx.x < items && PROBE != 2) stage_a(threadIdx.x);
     TRACE_T(tra0);
-    if (MARLIN_AFIRST) issue(0, 0);
 #pragma unroll
     for (int i = 1; i < STAGES - 1; ++i) issue(i, i);
     for (int it = threadIdx.x + MARLIN_THREADS; it < items && PROBE != 2; it += MARLIN_THREADS) stage_a(it);
@@ -1099,7 +1084,6 @@ __device__ __forceinline__ void marlin_dec_main(
     });
     cp_wait<0>();
     TRACE_T(tr2);
-    if (MARLIN_TRIG_LATE) PDL_TRIGGER();
     const MarlinJob job{o0, o1, o2, N0, N1, N2, t1, t2, t3, M, m0, rows, slabs, kws, cluster, mode, y, resid, part,
                         tickets, sRope, rope_mask, hd, n_rot, KVFold{kc, vc, pc, kslots, kpos, kv_f16, kv_cap, early && kc != nullptr ? sKV : nullptr}};
     if (norm) {                                    // the rms_norm's 1 / sqrt(mean(x^2) + eps) of each row
