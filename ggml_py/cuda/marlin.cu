@@ -50,15 +50,6 @@ typedef long long i64;
 #ifndef MARLIN_TRACE
 #define MARLIN_TRACE 0
 #endif
-#ifndef MARLIN_DRY
-#define MARLIN_DRY 0                               // (experiment) the A window's code run once before PDL's wait
-#endif
-// the decode kernel's loads of A: through L2 only where a dry pass may have read A before it was written
-#if MARLIN_DRY
-#define ALD(p) __ldcg(p)
-#else
-#define ALD(p) (*(p))
-#endif
 #ifndef MARLIN_PAR_EPI
 #define MARLIN_PAR_EPI 1                           // marlin_store_elementwise (0: one warp a tile, for A/B runs)
 #endif
@@ -77,11 +68,9 @@ __device__ __forceinline__ int trace_warp_id() {
     return (int)(((blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5)) & 4095;
 }
 #define TRACE_T(v) const unsigned long long v = gtimer()
-#define TRACE_S(v) v = gtimer()
 #define TRACE_MARK(i) do { if ((threadIdx.x & 31) == 0) marlin_trace_mark[trace_warp_id() * 2 + (i)] = gtimer(); } while (0)
 #else
 #define TRACE_T(v)
-#define TRACE_S(v)
 #define TRACE_MARK(i) do {} while (0)
 #endif
 
@@ -908,9 +897,12 @@ __device__ __forceinline__ void marlin_dec_main(
             asm volatile("prefetch.global.L2 [%0];\n" :: "l"(norm_w + (i64)(g0 + threadIdx.x) * 32));
         if (rope_mask) rope_table();
     }
-#if MARLIN_TRACE
-    unsigned long long trw = 0, tra0 = 0, tra = 0, trn = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    // launched with PDL: A (and every buffer written below) belongs to the previous kernel until it
+    // has finished
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
+    TRACE_T(trw);
     // The A window: one thread per (row, group) of the slab. Its loads go out before the other
     // weight stages so that they are not queued behind them.
     const int items = rows * ngc;
@@ -922,14 +914,14 @@ __device__ __forceinline__ void marlin_dec_main(
         if (a_f16 && !(norm && norm_w)) {
             const uint4* src = reinterpret_cast<const uint4*>(reinterpret_cast<const half*>(Av) + (i64)(m0 + r) * lda + k0);
 #pragma unroll
-            for (int c = 0; c < 4; ++c) h[c] = ALD(src + c);
+            for (int c = 0; c < 4; ++c) h[c] = src[c];
         } else {
             float4 f[8];
             if (a_f16) {
                 const uint4* src = reinterpret_cast<const uint4*>(reinterpret_cast<const half*>(Av) + (i64)(m0 + r) * lda + k0);
 #pragma unroll
                 for (int c = 0; c < 4; ++c) {
-                    const uint4 v = ALD(src + c);
+                    const uint4 v = src[c];
                     const float2 p0 = __half22float2(u2h(v.x)), p1 = __half22float2(u2h(v.y));
                     const float2 p2 = __half22float2(u2h(v.z)), p3 = __half22float2(u2h(v.w));
                     f[2 * c] = make_float4(p0.x, p0.y, p1.x, p1.y);
@@ -938,7 +930,7 @@ __device__ __forceinline__ void marlin_dec_main(
             } else {
                 const float4* src = reinterpret_cast<const float4*>(reinterpret_cast<const float*>(Av) + (i64)(m0 + r) * lda + k0);
 #pragma unroll
-                for (int c = 0; c < 8; ++c) f[c] = ALD(src + c);
+                for (int c = 0; c < 8; ++c) f[c] = src[c];
             }
             if (norm && norm_w) {                  // x * norm_w; the row's scale comes at the end
                 const float4* wv = reinterpret_cast<const float4*>(norm_w + k0);
@@ -975,32 +967,12 @@ __device__ __forceinline__ void marlin_dec_main(
         if (OFS) sS[r * ngc + gg] = slo + shi;
     };
     if (threadIdx.x == 0) *reinterpret_cast<uint4*>(sZero) = make_uint4(0, 0, 0, 0);
-    // MARLIN_DRY (experiment): with `early`, pass 0 runs this code before PDL's wait on whatever A
-    // holds then (cache-global loads, no stale L1 lines; pass 1 rewrites every word pass 0 wrote), so
-    // that pass 1 finds its instructions in the SM's cache
-#if MARLIN_DRY
-#pragma unroll 1
-    for (int pass = early ? 0 : 1; pass < 2; ++pass) {
-#else
-    {
-    constexpr int pass = 1;
-#endif
-    if (pass == 1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-        // launched with PDL: A (and every buffer written below) belongs to the previous kernel until it
-        // has finished
-        asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-        TRACE_S(trw);
-    }
     if ((int)threadIdx.x < items && PROBE != 2) stage_a(threadIdx.x);
-    if (pass == 1) {
-        TRACE_S(tra0);
+    TRACE_T(tra0);
 #pragma unroll
-        for (int i = 1; i < STAGES - 1; ++i) issue(i, i);
-    }
+    for (int i = 1; i < STAGES - 1; ++i) issue(i, i);
     for (int it = threadIdx.x + MARLIN_THREADS; it < items && PROBE != 2; it += MARLIN_THREADS) stage_a(it);
-    TRACE_S(tra);
+    TRACE_T(tra);
     if (norm) {                                    // sum(x^2) over each whole row: every thread a strided share,
         float* red = sNorm;                        // reduced per warp, then (at the end) over the 8 warps
         for (int r = 0; r < rows; ++r) {
@@ -1009,7 +981,7 @@ __device__ __forceinline__ void marlin_dec_main(
                 const uint2* xr = reinterpret_cast<const uint2*>(reinterpret_cast<const half*>(Av) + (i64)(m0 + r) * lda);
 #pragma unroll 4
                 for (int k = threadIdx.x; k < K / 4; k += MARLIN_THREADS) {
-                    const uint2 v = ALD(xr + k);
+                    const uint2 v = xr[k];
                     const float2 p0 = __half22float2(u2h(v.x)), p1 = __half22float2(u2h(v.y));
                     q = fmaf(p0.x, p0.x, fmaf(p0.y, p0.y, fmaf(p1.x, p1.x, fmaf(p1.y, p1.y, q))));
                 }
@@ -1017,7 +989,7 @@ __device__ __forceinline__ void marlin_dec_main(
                 const float4* xr = reinterpret_cast<const float4*>(reinterpret_cast<const float*>(Av) + (i64)(m0 + r) * lda);
 #pragma unroll 4
                 for (int k = threadIdx.x; k < K / 4; k += MARLIN_THREADS) {
-                    const float4 v = ALD(xr + k);
+                    const float4 v = xr[k];
                     q = fmaf(v.x, v.x, fmaf(v.y, v.y, fmaf(v.z, v.z, fmaf(v.w, v.w, q))));
                 }
             }
@@ -1026,8 +998,7 @@ __device__ __forceinline__ void marlin_dec_main(
             if (lane == 0) red[r * 8 + warp] = q;
         }
     }
-    TRACE_S(trn);
-    }
+    TRACE_T(trn);
     if (rope_mask && !early) rope_table();
     TRACE_T(trr);
     __syncthreads();

@@ -103,7 +103,6 @@ def _module():
     opts += ("-DMARLIN_TRACE=1",) if trace_enabled() else ()
     # GGFLAT_MARLIN_PAREPI=0: the one-warp-a-tile store epilogue of before, for A/B runs
     opts += () if _env_on("GGFLAT_MARLIN_PAREPI", "1") else ("-DMARLIN_PAR_EPI=0",)
-    opts += ("-DMARLIN_DRY=1",) if _env_on("GGFLAT_MARLIN_DRY", "0") else ()
     return load_module("marlin", opts)
 
 
