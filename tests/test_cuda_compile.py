@@ -65,6 +65,18 @@ def test_nvcc_compiles_marlin_sm90a(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_nvcc_compiles_marlin_one_warp_epilogue(tmp_path):
+    """The A/B build GGFLAT_MARLIN_PAREPI=0 (MARLIN_PAR_EPI=0: q/k/v's epilogue on one warp a tile, as
+    before session 8) still compiles."""
+    cu = CUDA_DIR / "marlin.cu"
+    out = tmp_path / "marlin_epi.ptx"
+    p = subprocess.run(["nvcc", "-arch=sm_90a", "--ptx", "-std=c++17", "-DMARLIN_PAR_EPI=0", "-o", str(out), str(cu)],
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, f"nvcc -DMARLIN_PAR_EPI=0 failed on marlin.cu:\n{p.stderr[-4000:]}"
+    assert "marlin_q4_0_d1" in out.read_text()
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 def test_nvcc_compiles_marlin_trace_build(tmp_path):
     """The measurement build (GGFLAT_MARLIN_TRACE=1: MARLIN_TRACE, read by benchmarks/trace_decode.py)
     still compiles, and exports the buffer and counter the tool reads."""
