@@ -23,6 +23,17 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+def _runs(idx, t, gap: int = 20_000) -> list[list[int]]:
+    """idx (sorted by t) split where t jumps by more than gap ns: one launch's records each (the same
+    kernel shape comes back in the next layer)."""
+    runs = [[idx[0]]]
+    for a, b in zip(idx, idx[1:]):
+        if t[b] - t[a] > gap:
+            runs.append([])
+        runs[-1].append(b)
+    return runs
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("-m", "--model", required=True)
@@ -63,22 +74,16 @@ def main(argv=None) -> None:
     print(f"globaltimer: smallest step between distinct start stamps {d[d > 0].min() if d.size else 0} ns")
     key = [(int(r[4] >> 32), int(r[4] & 0xffffffff), int(r[5] >> 32), int(r[5] & 0xffffffff),
             int(r[7] >> 32), int((r[7] >> 8) & 0xffffff)) for r in buf]
-    # the finer stamps (words 8-13), in the order a warp passes them; 0 where a warp did not
+    # the finer stamps (words 8-14), in the order a warp passes them; 0 where a warp did not
     fine = {"wait": 8, "A first": 14, "A staged": 9, "norm": 10, "rope": 11, "ready": 1, "loop end": 2, "k-reduced": 12,
             "ticket": 13, "end": 3}
-    launches = []                                      # (kind, start, ready, loop_end, end)
+    launches = []                                      # (kind, stamps 0-3 from t0, raw records) a launch
     by = defaultdict(list)
     for i, k in enumerate(key):
         by[k].append(i)
     for k, idx in by.items():
-        idx = sorted(idx, key=lambda i: ts[i, 0])
-        group = [idx[0]]
-        for a, b in zip(idx, idx[1:]):
-            if ts[b, 0] - ts[a, 0] > 20_000:          # the same shape in the next layer
-                launches.append((k, ts[group][:, :4], buf[group]))
-                group = []
-            group.append(b)
-        launches.append((k, ts[group][:, :4], buf[group]))
+        for group in _runs(sorted(idx, key=lambda i: ts[i, 0]), ts[:, 0]):
+            launches.append((k, ts[group][:, :4], buf[group]))
     launches.sort(key=lambda x: x[1][:, 0].min())
     stats = defaultdict(lambda: defaultdict(list))
     prev_end = None
@@ -113,7 +118,9 @@ def main(argv=None) -> None:
     cols = ["prologue", "loop", "tail", "span", "loop end spread", "gap before"]
     print("| launch (weight rows x K) | launches | " + " | ".join(cols) + " |  (us, mean over the step)")
     print("|---|---:|" + "---:|" * len(cols))
-    for k, s in sorted(stats.items(), key=lambda kv: -np.mean(kv[1]["span"]) * len(kv[1]["span"])):
+    order = sorted(stats, key=lambda k: -np.mean(stats[k]["span"]) * len(stats[k]["span"]))   # most time first
+    for k in order:
+        s = stats[k]
         vals = " | ".join(f"{np.mean(s[c]) / 1e3:.2f}" if s[c] else "" for c in cols)
         print(f"| {names[k]} | {len(s['span'])} | {vals} |")
     total = max(r[:, 3].max() for _, r, _ in launches) - min(r[:, 0].min() for _, r, _ in launches)
@@ -124,7 +131,8 @@ def main(argv=None) -> None:
     cols2 = ["first start", "first wait"] + list(fine)
     print("| launch | " + " | ".join(cols2) + " |")
     print("|---|" + "---:|" * len(cols2))
-    for k, tl in sorted(timeline.items(), key=lambda kv: -np.mean(stats[kv[0]]["span"]) * len(stats[kv[0]]["span"])):
+    for k in (k for k in order if k in timeline):
+        tl = timeline[k]
         print(f"| {names[k]} | " + " | ".join(f"{np.mean(tl[c]) / 1e3:.2f}" if tl.get(c) else "" for c in cols2) + " |")
     # each warp's own phases (its stamps minus its own previous stamp), median and 90th percentile over
     # the warps of every launch of a kind: a phase long in every warp is the code's, long only at the
@@ -135,7 +143,7 @@ def main(argv=None) -> None:
     print("Each warp's phases (us, median / 90th percentile over the warps):")
     print("| launch | " + " | ".join(n for n, _, _ in steps) + " |")
     print("|---|" + "---:|" * len(steps))
-    for k, tl in sorted(timeline.items(), key=lambda kv: -np.mean(stats[kv[0]]["span"]) * len(stats[kv[0]]["span"])):
+    for k in (k for k in order if k in timeline):
         raw = np.concatenate([b for kk, _, b in launches if kk == k])
         cells = []
         for _, a, b in steps:
@@ -154,13 +162,7 @@ def attention_table(attn, launches) -> None:
         print("\nno attention records (not the tensor-core decode kernel?)")
         return
     attn = attn[np.argsort(attn[:, 0])]
-    groups, cur = [], [0]
-    for i in range(1, len(attn)):
-        if attn[i, 0] - attn[cur[-1], 0] > 20_000:
-            groups.append(cur)
-            cur = []
-        cur.append(i)
-    groups.append(cur)
+    groups = _runs(list(range(len(attn))), attn[:, 0])
     ends = sorted(raw[:, 3].max() for _, _, raw in launches)
     starts = sorted(raw[:, 0].min() for _, _, raw in launches)
     cols = ["first start", "last start", "q staged", "first tile", "loop end", "end", "next launch starts"]
