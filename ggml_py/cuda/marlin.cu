@@ -50,6 +50,9 @@ typedef long long i64;
 #ifndef MARLIN_TRACE
 #define MARLIN_TRACE 0
 #endif
+#ifndef MARLIN_AGATE
+#define MARLIN_AGATE 0
+#endif
 #ifndef MARLIN_PAR_EPI
 #define MARLIN_PAR_EPI 1                           // marlin_store_elementwise (0: one warp a tile, for A/B runs)
 #endif
@@ -969,6 +972,10 @@ __device__ __forceinline__ void marlin_dec_main(
     if (threadIdx.x == 0) *reinterpret_cast<uint4*>(sZero) = make_uint4(0, 0, 0, 0);
     if ((int)threadIdx.x < items && PROBE != 2) stage_a(threadIdx.x);
     TRACE_T(tra0);
+    // (experiment) MARLIN_AGATE: the weight stages after the first wait until every A item of the CTA
+    // has landed, so that A's loads (hits in L2) do not queue behind the grid's burst of weight misses
+    // (1: launches that rope, i.e. q/k/v; 2: every launch)
+    if (MARLIN_AGATE == 2 || (MARLIN_AGATE == 1 && rope_mask)) __syncthreads();
 #pragma unroll
     for (int i = 1; i < STAGES - 1; ++i) issue(i, i);
     for (int it = threadIdx.x + MARLIN_THREADS; it < items && PROBE != 2; it += MARLIN_THREADS) stage_a(it);
