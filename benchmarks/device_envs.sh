@@ -30,6 +30,6 @@ done | tee $OUT/ab.md
 if [ "${TRACE:-0}" = 1 ]; then
   for c in ${TRACE_CONFIGS:-$CONFIGS}; do for pdl in ${TRACE_PDL:-0 1}; do
     echo "== $c PDL=$pdl"
-    env $(envof "$c") GGFLAT_PDL=$pdl timeout 150 python3 benchmarks/trace_decode.py -m /tmp/llama8b-q4_0.gguf 2>&1 | tail -18
+    env $(envof "$c") GGFLAT_PDL=$pdl timeout 150 python3 benchmarks/trace_decode.py -m /tmp/llama8b-q4_0.gguf 2>&1 | tail -24
   done; done | tee $OUT/trace.txt
 fi

@@ -29,8 +29,10 @@ def main(argv=None) -> None:
     ap.add_argument("--warm", type=int, default=6, help="decode tokens before the traced one")
     args = ap.parse_args(argv)
     os.environ["GGFLAT_MARLIN_TRACE"] = "1"
+    os.environ["GGFLAT_ATTN_TRACE"] = "1"
     import cupy as cp
     from engine.model import Model
+    from ggml_py.cuda import attention_ops as ao
     from ggml_py.cuda import marlin_ops as mo
     model = Model.load(args.model, "cupy")
     cache = model.new_cache(args.warm + 8)
@@ -42,10 +44,17 @@ def main(argv=None) -> None:
     n_ptr = mod.get_global("marlin_trace_n")
     counter = cp.ndarray((1,), cp.uint32, memptr=n_ptr)
     counter[...] = 0
+    amods = [m for opts, m in ao.modules.items() if "-DATTN_TRACE=1" in opts]
+    acount = [cp.ndarray((1,), cp.uint32, memptr=m.get_global("attn_trace_n")) for m in amods]
+    for c in acount:
+        c[...] = 0
     cp.cuda.Device().synchronize()
     model.forward(cache, seq, [int(rng.integers(0, model.n_vocab))])
     cp.cuda.Device().synchronize()
     n = int(counter.get()[0])
+    attn = [cp.ndarray((int(c.get()[0]), 8), cp.uint64, memptr=m.get_global("attn_trace_buf")).get().astype(np.int64)
+            for m, c in zip(amods, acount)]
+    attn = np.concatenate(attn) if attn else np.zeros((0, 8), np.int64)
     buf = cp.ndarray((n, 16), cp.uint64, memptr=mod.get_global("marlin_trace_buf")).get().astype(np.int64)
     print(f"{n} warp records")
     t0 = buf[:, 0].min()
@@ -134,6 +143,61 @@ def main(argv=None) -> None:
             d = (raw[ok, b] - raw[ok, a]) / 1e3
             cells.append(f"{np.median(d):.2f} / {np.percentile(d, 90):.2f}" if d.size else "")
         print(f"| {names[k]} | " + " | ".join(cells) + " |")
+    attention_table(attn, launches)
+
+
+def attention_table(attn, launches) -> None:
+    """The decode attention launches (ATTN_TRACE records: start, q staged, first tile, loop end, end per
+    block) on the same clock: from the end of the Marlin launch before each (q/k/v) to the start of
+    the one after it (o)."""
+    if not len(attn):
+        print("\nno attention records (not the tensor-core decode kernel?)")
+        return
+    attn = attn[np.argsort(attn[:, 0])]
+    groups, cur = [], [0]
+    for i in range(1, len(attn)):
+        if attn[i, 0] - attn[cur[-1], 0] > 20_000:
+            groups.append(cur)
+            cur = []
+        cur.append(i)
+    groups.append(cur)
+    ends = sorted(raw[:, 3].max() for _, _, raw in launches)
+    starts = sorted(raw[:, 0].min() for _, _, raw in launches)
+    cols = ["first start", "last start", "q staged", "first tile", "loop end", "end", "next launch starts"]
+    vals = {c: [] for c in cols}
+    per = {c: [] for c in ("start->q", "q->first tile", "tiles", "loop end->end")}
+    for idx in groups:
+        a = attn[idx]
+        prev = [e for e in ends if e <= a[:, 0].min()]
+        if not prev:
+            continue
+        p = prev[-1]
+        work = a[(a[:, 6] >> 32).astype(np.int32) >= 0]                # blocks with keys (tiles >= 0)
+        vals["first start"].append(a[:, 0].min() - p)
+        vals["last start"].append(a[:, 0].max() - p)
+        for c, w in (("q staged", 1), ("first tile", 2), ("loop end", 3)):
+            v = work[:, w][work[:, w] > 0]
+            if v.size:
+                vals[c].append(v.max() - p)
+        vals["end"].append(a[:, 4].max() - p)
+        nxt = [s for s in starts if s > a[:, 0].min()]
+        if nxt:
+            vals["next launch starts"].append(nxt[0] - p)
+        ok = (work[:, 1] > 0) & (work[:, 2] > 0) & (work[:, 3] > 0)
+        w = work[ok]
+        per["start->q"] += list(w[:, 1] - w[:, 0])
+        per["q->first tile"] += list(w[:, 2] - w[:, 1])
+        per["tiles"] += list(w[:, 3] - w[:, 2])
+        per["loop end->end"] += list(w[:, 4] - w[:, 3])
+    nwork = int(np.mean([((attn[idx][:, 6] >> 32).astype(np.int32) >= 0).sum() for idx in groups]))
+    print()
+    print(f"Decode attention ({len(groups)} launches, {len(attn) // max(1, len(groups))} blocks each, {nwork} with keys): "
+          "us after the previous traced launch's end (the last block passing each point)")
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---:|" * len(cols))
+    print("| " + " | ".join(f"{np.mean(vals[c]) / 1e3:.2f}" if vals[c] else "" for c in cols) + " |")
+    print("A block's phases (us, median / max): " + ", ".join(
+        f"{k} {np.median(v) / 1e3:.2f} / {np.max(v) / 1e3:.2f}" for k, v in per.items() if v))
 
 
 if __name__ == "__main__":

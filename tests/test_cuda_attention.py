@@ -111,6 +111,18 @@ def test_nvcc_builds(opts, tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_nvcc_builds_trace(tmp_path):
+    """The measurement build (GGFLAT_ATTN_TRACE=1, read by benchmarks/trace_decode.py) compiles and
+    exports the record buffer and counter the tool reads."""
+    out = tmp_path / "a.ptx"
+    r = subprocess.run(["nvcc", "-arch=sm_90", "--ptx", "-std=c++17", "-DATTN_TRACE=1", "-o", str(out), str(CU)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    ptx = out.read_text()
+    assert "attn_trace_buf" in ptx and "attn_trace_n" in ptx and "%globaltimer" in ptx
+
+
 # -- GPU ---------------------------------------------------------------------------------------------
 
 def _cupy():

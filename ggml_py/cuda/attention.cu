@@ -62,6 +62,42 @@
 
 #include "common.cuh"
 
+// ATTN_TRACE (GGFLAT_ATTN_TRACE=1, read by benchmarks/trace_decode.py): the tensor-core decode kernels
+// record %globaltimer per block -- start, q staged, first tile in, tile loop done, end -- with the
+// block's split, kv head, tiles and splits (an 8-word record in attn_trace_buf, attn_trace_n counts).
+#ifndef ATTN_TRACE
+#define ATTN_TRACE 0
+#endif
+#if ATTN_TRACE
+#define ATTN_TRACE_CAP (1 << 16)
+__device__ unsigned long long attn_trace_buf[ATTN_TRACE_CAP * 8];
+__device__ unsigned int attn_trace_n;
+__device__ __forceinline__ unsigned long long attn_gtimer() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+    return t;
+}
+// stamps[0..4] of this block (thread 0's view), written out once at its end
+#define ATTN_STAMP(st, i) do { if (threadIdx.x == 0) (st)[i] = attn_gtimer(); } while (0)
+__device__ __forceinline__ void attn_trace_write(const unsigned long long* st, int tiles, int nsplit) {
+    if (threadIdx.x != 0) return;
+    const unsigned long long t_end = attn_gtimer();
+    const unsigned int n = atomicAdd(&attn_trace_n, 1u);
+    if (n >= ATTN_TRACE_CAP) return;
+    unsigned long long* r = attn_trace_buf + (size_t)n * 8;
+    r[0] = st[0]; r[1] = st[1]; r[2] = st[2]; r[3] = st[3]; r[4] = t_end;
+    r[5] = ((unsigned long long)blockIdx.x << 32) | blockIdx.y;
+    r[6] = ((unsigned long long)(unsigned)tiles << 32) | (unsigned)nsplit;
+    r[7] = 0ull;
+}
+#define ATTN_TRACE_DECL unsigned long long attn_st[4] = {0ull, 0ull, 0ull, 0ull}; ATTN_STAMP(attn_st, 0)
+#define ATTN_TRACE_END(tiles, nsplit) attn_trace_write(attn_st, (tiles), (nsplit))
+#else
+#define ATTN_STAMP(st, i) do {} while (0)
+#define ATTN_TRACE_DECL
+#define ATTN_TRACE_END(tiles, nsplit) do {} while (0)
+#endif
+
 #define ATTN_INT_MAX 2147483647
 #define ATTN_INT_MIN (-2147483647 - 1)
 #define ATTN_NEG_INF (-__int_as_float(0x7f800000))
@@ -1162,11 +1198,15 @@ __device__ __forceinline__ void decode_tc_impl(ATTN_DECODE_ARGS)
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
     const int split = blockIdx.x, kvh = blockIdx.y;
+    ATTN_TRACE_DECL;
     const int G = H / Hkv, R = n * G;
     const int L = seq_len(kv_len, max_pages);
     int nsplit, ppb;
     split_geometry(L, splits, min_units, nsplit, ppb);
-    if (split >= nsplit) return;                 // no keys here
+    if (split >= nsplit) {                       // no keys here
+        ATTN_TRACE_END(-1, nsplit);
+        return;
+    }
     const int key0 = split * ppb * PAGE;
     const int key_end = min(L, key0 + ppb * PAGE);
     const int n_tiles = key_end > key0 ? (key_end - key0 + DTC_T - 1) / DTC_T : 0;
@@ -1230,6 +1270,7 @@ __device__ __forceinline__ void decode_tc_impl(ATTN_DECODE_ARGS)
     }
     if (tid < DTC_R) qp[tid] = tid < R ? q_pos[tid / G] : ATTN_INT_MIN;
     __syncthreads();
+    ATTN_STAMP(attn_st, 1);
 
     unsigned qf[NKS][2];                        // B = Q^T: b0 = Q[row g][16ks + 2t4 ..+1], b1 = +8
 #pragma unroll
@@ -1255,6 +1296,7 @@ __device__ __forceinline__ void decode_tc_impl(ATTN_DECODE_ARGS)
         if constexpr (BULK) mbar_wait(bars + (tt % DTC_NS) * 8, (tt / DTC_NS) & 1);
         else cp_wait<DTC_NS - 2>();
         __syncthreads();                        // tile tt is in; tile tt-1's buffer is free
+        if (tt == 0) ATTN_STAMP(attn_st, 2);
         if (tt + DTC_NS - 1 < n_tiles) issue(tt + DTC_NS - 1);
         if constexpr (!BULK) cp_commit();
         const int buf = tt % DTC_NS;
@@ -1328,6 +1370,7 @@ __device__ __forceinline__ void decode_tc_impl(ATTN_DECODE_ARGS)
     // write this split's partial and combine (the last block of this kv head)
     if constexpr (!BULK) cp_wait<0>();      // (bulk: every issued tile was waited for)
     __syncthreads();
+    ATTN_STAMP(attn_st, 3);
     float* wm = reinterpret_cast<float*>(stg);            // [4][8]  max per warp and row
     float* wl = wm + 4 * DTC_R;                           // [4][8]  sum; then the warp's weight
     float* wacc = wl + 4 * DTC_R;                         // [4][8][DV]
@@ -1387,6 +1430,7 @@ __device__ __forceinline__ void decode_tc_impl(ATTN_DECODE_ARGS)
     if (!direct)
         decode_combine<128>(part_ml, part_acc, counters, out, reinterpret_cast<float*>(stg), nsplit, split,
                             flat_max, kvh, Hkv, R, G, H);
+    ATTN_TRACE_END(n_tiles, nsplit);
 }
 
 extern "C" __global__ void __launch_bounds__(128, 2) attn_decode_tc(ATTN_DECODE_ARGS) {

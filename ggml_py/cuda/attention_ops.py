@@ -71,6 +71,7 @@ _DEC_STAGE_BUDGET = 100 * 1024        # decode (FMA) pipeline bytes: leaves room
 _DEC_TC_STAGE_BUDGET = 110 * 1024     # decode (tensor cores): 3 stages of 64 keys at d=128, 2 blocks/SM
 
 _functions: dict[tuple, Any] = {}
+modules: dict[tuple, Any] = {}           # compile options -> the loaded attention module (trace reads)
 _plans: dict[tuple, Step] = {}
 _sm_count: list[int] = []
 
@@ -271,17 +272,26 @@ def _partials_bytes(splits: int, rows: int, dv: int) -> int:
 
 # -- kernels ----------------------------------------------------------------------------------------
 
+def trace_enabled() -> bool:
+    """GGFLAT_ATTN_TRACE=1: the measurement build (ATTN_TRACE) whose tensor-core decode kernels stamp
+    each block's phases into attn_trace_buf (benchmarks/trace_decode.py reads it via ``modules``)."""
+    import os
+    return os.environ.get("GGFLAT_ATTN_TRACE", "0").strip() == "1"
+
+
 def _function(kvb: int, dk: int, dv: int, page: int, name: str, smem: int = 0) -> Any:
     """Kernel ``name`` of the module for this geometry, as a callable (grid, block, args, smem, stream)."""
     opts = (f"-DATTN_KV_F16={int(kvb == 2)}", f"-DATTN_DK={dk}", f"-DATTN_DV={dv}",
             f"-DATTN_PAGE={page}", f"-DATTN_DEC_STAGES={decode_stages(kvb, dk, dv)}",
             f"-DATTN_DEC_TC_STAGES={decode_tc_stages(dk, dv)}")
+    opts += ("-DATTN_TRACE=1",) if trace_enabled() else ()
     key = (opts, name)
     fn = _functions.get(key)
     if fn is None:
         from .compile import load_module
 
-        raw = load_module("attention", opts).get_function(name)
+        mod = modules[opts] = load_module("attention", opts)
+        raw = mod.get_function(name)
         raw.max_dynamic_shared_size_bytes = SMEM_LIMIT if smem > 48 * 1024 else 48 * 1024
         from .compile import kernel_callable
         fn = _functions[key] = kernel_callable(raw)
