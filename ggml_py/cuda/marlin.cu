@@ -50,6 +50,9 @@ typedef long long i64;
 #ifndef MARLIN_TRACE
 #define MARLIN_TRACE 0
 #endif
+#ifndef MARLIN_AGATE
+#define MARLIN_AGATE 0
+#endif
 #ifndef MARLIN_PAR_EPI
 #define MARLIN_PAR_EPI 1                           // marlin_store_elementwise (0: one warp a tile, for A/B runs)
 #endif
@@ -876,7 +879,7 @@ __device__ __forceinline__ void marlin_dec_main(
     if (lane == 0) marlin_trace_mark[trace_warp_id() * 2] = marlin_trace_mark[trace_warp_id() * 2 + 1] = 0ull;
 #endif
     PDL_TRIGGER();
-    issue(0, 0);                                   // weights: nothing before us writes them
+    if (MARLIN_AGATE != 3) issue(0, 0);            // weights: nothing before us writes them
     // The rope's angles: the positions' loads and the double sincos take 1 us. `early` (the host's
     // promise that the positions and the KV fold's slots are the graph's inputs, which no kernel
     // writes) moves them, with the slots into shared memory and an L2 hint for the norm's weights,
@@ -969,6 +972,12 @@ __device__ __forceinline__ void marlin_dec_main(
     if (threadIdx.x == 0) *reinterpret_cast<uint4*>(sZero) = make_uint4(0, 0, 0, 0);
     if ((int)threadIdx.x < items && PROBE != 2) stage_a(threadIdx.x);
     TRACE_T(tra0);
+    // (experiment) MARLIN_AGATE: the weight stages after the first wait until every A item of the CTA
+    // has landed, so that A's loads (hits in L2) do not queue behind the grid's burst of weight misses
+    // (1: launches that rope, i.e. q/k/v; 2: every launch; 3: every launch, and no weights at all before
+    // then -- o starts only ~0.6 us before its wait, so its stage 0 lands in the same burst)
+    if (MARLIN_AGATE >= 2 || (MARLIN_AGATE == 1 && rope_mask)) __syncthreads();
+    if (MARLIN_AGATE == 3) issue(0, 0);
 #pragma unroll
     for (int i = 1; i < STAGES - 1; ++i) issue(i, i);
     for (int it = threadIdx.x + MARLIN_THREADS; it < items && PROBE != 2; it += MARLIN_THREADS) stage_a(it);

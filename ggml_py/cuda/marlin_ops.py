@@ -103,6 +103,8 @@ def _module():
     opts += ("-DMARLIN_TRACE=1",) if trace_enabled() else ()
     # GGFLAT_MARLIN_PAREPI=0: the one-warp-a-tile store epilogue of before, for A/B runs
     opts += () if _env_on("GGFLAT_MARLIN_PAREPI", "1") else ("-DMARLIN_PAR_EPI=0",)
+    agate = os.environ.get("GGFLAT_MARLIN_AGATE", "0").strip()          # (experiment) 0 .. 3
+    opts += (f"-DMARLIN_AGATE={agate}",) if agate in ("1", "2", "3") else ()
     return load_module("marlin", opts)
 
 
