@@ -315,6 +315,39 @@ def test_gemm_warpgroup(cp, mo, t):
         assert _nmse(cp.asnumpy(out), a.astype(np.float64) @ refs[1].T) > 1e-2
 
 
+@pytest.mark.parametrize("t", TYPES, ids=TYPES.get)
+def test_gemm_mixed_input(cp, mo, t):
+    """(experiment) marlin_<type>_x64, sm_90 only: a producer warpgroup dequantizes into shared memory,
+    a consumer runs wgmma with both operands there. M with padding rows and several row tiles, f16 and
+    f32 A, a q/k/v-style group whose CTAs straddle two weights and a partial last tile, K shorter and
+    longer than the rings (3 and 16 stages), twice in a row, and the residual add."""
+    if not mo.wg_available():
+        pytest.skip("the warpgroup kernels need an sm_90 GPU")
+    seed = _seed()
+    rng = np.random.default_rng(seed)
+    for K in (192, 1024):
+        shapes = [(333, K), (64, K), (130, K)]
+        refs, ws = _weights(cp, mo, rng, t, shapes)
+        for M in (17, 40, 64, 100):
+            a = rng.standard_normal((M, K)).astype(np.float32)
+            a64 = a.astype(np.float16).astype(np.float64)
+            for a_dtype in ("f16", "f32"):
+                ad = cp.asarray(a.astype(np.float16) if a_dtype == "f16" else a)
+                p = mo.plan_gemm(ws, M, a_dtype=a_dtype, config="x64")
+                for _ in range(2):
+                    outs = [cp.full((M, s[0]), np.nan, cp.float32) for s in shapes]
+                    p(ad, outs)
+                    for o, r in zip(outs, refs):
+                        e = _nmse(cp.asnumpy(o), a64 @ r.T)
+                        assert e <= NMSE, f"{TYPES[t]} x64 K={K} M={M} {a_dtype} seed {seed}: {e:.3g}"
+            r0 = rng.standard_normal((M, shapes[1][0])).astype(np.float32)
+            out = cp.asarray(r0)
+            mo.plan_gemm([ws[1]], M, residual=True, a_dtype="f16", config="x64")(
+                cp.asarray(a.astype(np.float16)), [out], resid=out)
+            e = _nmse(cp.asnumpy(out), a64 @ refs[1].T + r0)
+            assert e <= NMSE, f"{TYPES[t]} x64 residual K={K} M={M} seed {seed}: {e:.3g}"
+
+
 def _silu(x):
     return x / (1.0 + np.exp(-x))
 
