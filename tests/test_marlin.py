@@ -367,7 +367,7 @@ def test_gemm_mixed_input(cp, mo, t):
     for K in (256 if t == 12 else 128, 1024):
         shapes = [(333, K), (64, K), (130, K)]
         refs, ws = _weights(cp, mo, rng, t, shapes)
-        for M in (17, 40, 64, 100):
+        for M in (1, 16, 17, 40, 64, 100):
             a = rng.standard_normal((M, K)).astype(np.float32)
             a64 = a.astype(np.float16).astype(np.float64)
             for a_dtype in ("f16", "f32"):
