@@ -60,7 +60,7 @@ def test_nvcc_compiles_marlin_sm90a(tmp_path):
     assert p.returncode == 0, f"nvcc -arch=sm_90a failed on marlin.cu:\n{p.stderr[-4000:]}"
     serialized = [ln for ln in p.stderr.splitlines() if "wgmma" in ln and "serialized" in ln]
     assert not serialized, "\n".join(serialized[:5])
-    spills = re.findall(r"Compiling entry function '(marlin_q4_\w+_w\d+\w*)'.*?(\d+) bytes spill stores", p.stderr, re.S)
+    spills = re.findall(r"Compiling entry function '(marlin_q4_\w+_[wx]\d+\w*)'.*?(\d+) bytes spill stores", p.stderr, re.S)
     assert not [name for name, n in spills if int(n)], spills
 
 

@@ -315,6 +315,78 @@ def test_gemm_warpgroup(cp, mo, t):
         assert _nmse(cp.asnumpy(out), a.astype(np.float64) @ refs[1].T) > 1e-2
 
 
+@pytest.mark.parametrize("t", TYPES, ids=TYPES.get)
+def test_mixed_input_tile_placement(t):
+    """(CPU) the x64 producer's addressing against the layout's specification: each lane's 16-byte word
+    of the raw stage (at q * 1024 + ks * 512 + 16 lane: group q, k-step ks), dequant_word's register
+    order, stmatrix's rows (lane l: row l % 8 of matrix l / 8, at marlin.cu's address formula) and
+    the 128-byte swizzle must put the code of (column n, k) where a K-major swizzled tile has it:
+    row n at n * 128, 8-k chunk c at (c ^ (n % 8)) * 16."""
+    rng = np.random.default_rng(_seed())
+    N, K = 128, 256                                  # two tiles, four stages of 64 k
+    buf = mq.repack(_raw(rng, t, (N, K)), t, (N, K))
+    lay = mq.MarlinLayout(t, N, K)
+    codes, _ = mq._read(buf, lay)                    # (n, k) -- the specification
+    words = buf[:lay.qw_bytes].view(np.uint32)
+    for s in range(K // 64):
+        tile = np.full(128 * 128, 0xFF, np.uint8)    # the B stage's bytes, one code per f16 (low byte)
+        for u in range(2):
+            # the raw stage's codes run of tile u: bytes ((u * K / 16) + 2 g) * 512 .. + 2048, g = 2 s
+            run = words[((u * (K // 16)) + 4 * s) * 128:((u * (K // 16)) + 4 * s) * 128 + 512]
+            for q in range(2):
+                for ks in range(2):
+                    for w in range(4):
+                        wv = run[q * 256 + ks * 128 + np.arange(32) * 4 + w]          # each lane's word w
+                        nib = [(wv >> (4 * i)) & 0xF for i in range(8)]
+                        # dequant_word: b0 = nibbles (0, 4), b1 = (1, 5), b2 = (2, 6), b3 = (3, 7);
+                        # stmatrix takes (b0, b2, b1, b3): matrix mi holds nibble pair p = (0, 2, 1, 3)[mi]
+                        for mi, p in enumerate((0, 2, 1, 3)):
+                            for lane in range(32):
+                                src = 8 * mi + lane // 4                         # the lane giving the row's address
+                                n = u * 64 + w * 16 + (src & 7) + 8 * (mi & 1)
+                                c = 4 * q + 2 * ks + (mi >> 1)
+                                addr = n * 128 + ((c ^ (n & 7)) << 4) + 2 * (2 * (lane % 4))
+                                tile[addr] = nib[p][lane]
+                                tile[addr + 2] = nib[p + 4][lane]
+        for n in range(N):
+            for k in range(64):
+                got = tile[n * 128 + (((k // 8) ^ (n % 8)) << 4) + (k % 8) * 2]
+                assert got == codes[n, 64 * s + k], (TYPES[t], s, n, k)
+
+
+@pytest.mark.parametrize("t", TYPES, ids=TYPES.get)
+def test_gemm_mixed_input(cp, mo, t):
+    """(experiment) marlin_<type>_x64, sm_90 only: a producer warpgroup dequantizes into shared memory,
+    a consumer runs wgmma with both operands there. M with padding rows and several row tiles, f16 and
+    f32 A, a q/k/v-style group whose CTAs straddle two weights and a partial last tile, K shorter and
+    longer than the rings (2 or 4, and 16 stages), twice in a row, and the residual add."""
+    if not mo.wg_available():
+        pytest.skip("the warpgroup kernels need an sm_90 GPU")
+    seed = _seed()
+    rng = np.random.default_rng(seed)
+    for K in (256 if t == 12 else 128, 1024):
+        shapes = [(333, K), (64, K), (130, K)]
+        refs, ws = _weights(cp, mo, rng, t, shapes)
+        for M in (1, 16, 17, 40, 64, 100):
+            a = rng.standard_normal((M, K)).astype(np.float32)
+            a64 = a.astype(np.float16).astype(np.float64)
+            for a_dtype in ("f16", "f32"):
+                ad = cp.asarray(a.astype(np.float16) if a_dtype == "f16" else a)
+                p = mo.plan_gemm(ws, M, a_dtype=a_dtype, config="x64")
+                for _ in range(2):
+                    outs = [cp.full((M, s[0]), np.nan, cp.float32) for s in shapes]
+                    p(ad, outs)
+                    for o, r in zip(outs, refs):
+                        e = _nmse(cp.asnumpy(o), a64 @ r.T)
+                        assert e <= NMSE, f"{TYPES[t]} x64 K={K} M={M} {a_dtype} seed {seed}: {e:.3g}"
+            r0 = rng.standard_normal((M, shapes[1][0])).astype(np.float32)
+            out = cp.asarray(r0)
+            mo.plan_gemm([ws[1]], M, residual=True, a_dtype="f16", config="x64")(
+                cp.asarray(a.astype(np.float16)), [out], resid=out)
+            e = _nmse(cp.asnumpy(out), a64 @ refs[1].T + r0)
+            assert e <= NMSE, f"{TYPES[t]} x64 residual K={K} M={M} seed {seed}: {e:.3g}"
+
+
 def _silu(x):
     return x / (1.0 + np.exp(-x))
 

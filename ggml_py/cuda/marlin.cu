@@ -1601,6 +1601,228 @@ MARLIN_WG_TYPE(1, q4_1)
 MARLIN_WG_TYPE(2, q4_k)
 MARLIN_WG_KERNEL(marlin_q4_0_w16_x, 0, 16, 4, 8, 2, true)
 
+// -- the mixed-input kernel (sm_90a, 17..64 rows; experiment) ------------------------------------
+// marlin_<type>_x64: out (64 rows x 128 columns: two 64-column tiles) over the whole K in one CTA of two
+// warpgroups. Warpgroup 0 produces: its thread 0 streams the two tiles' layout runs into a raw ring
+// (bulk copies, one mbarrier a stage); all its threads dequantize a stage into a K-major f16 tile B
+// (128 columns x 64 k, 128-byte swizzle, written with stmatrix from the mma fragments dequant_word
+// yields) and stage A's 64 rows x 64 k the same way (cp.async, two stages ahead), then arrive on the
+// stage's "full" barrier. Warpgroup 1 consumes: four wgmma.m64n128k16 a stage with both operands in
+// shared memory (A: the activations, m = rows; B: the weights, n = columns), and arrives on the
+// stage's "empty" barrier once those wgmmas are complete. Unlike w64, the dequantization is off the
+// tensor cores' critical path, a wgmma does 2x w64's work, and there are no slabs or partials.
+// Modes 0 (store) and 3 (residual add).
+constexpr int X_ST = 4;                            // stages of the A/B ring (64 k each)
+constexpr int X_RS = 4;                            // stages of the raw (layout) ring
+constexpr int X_AB = 64 * 128;                     // bytes of an A stage (64 rows x 64 k f16)
+constexpr int X_BB = 128 * 128;                    // bytes of a B stage (128 columns x 64 k f16)
+template <int QT> struct XRaw {                    // a tile's layout runs of one stage (two groups)
+    static constexpr int SCB = QT == 1 ? 256 : 128;
+    static constexpr int CB = 2 * 1024, SB = 2 * SCB, BYTES = CB + SB + (QT == 2 ? 256 : 0);
+};
+
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"(bar) : "memory");
+}
+__device__ __forceinline__ void stmatrix_x4(u32 addr, u32 r0, u32 r1, u32 r2, u32 r3) {
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n"
+                 :: "r"(addr), "r"(r0), "r"(r1), "r"(r2), "r"(r3) : "memory");
+}
+// d (64 f32, the D fragment) [+]= A (shared, descriptor a) x B (shared, descriptor b), m64n128k16
+__device__ __forceinline__ void wgmma_ss_128(float* d, unsigned long long a, unsigned long long b, int acc) {
+#ifdef MARLIN_HAVE_WGMMA
+#define XD8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
+               "+f"(d[i + 6]), "+f"(d[i + 7])
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,"
+                 "%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,"
+                 "%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,"
+                 "%61,%62,%63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+                 : XD8(0), XD8(8), XD8(16), XD8(24), XD8(32), XD8(40), XD8(48), XD8(56)
+                 : "l"(a), "l"(b), "r"(acc));
+#undef XD8
+#endif
+}
+
+template <int QT>
+__device__ __forceinline__ void marlin_x_main(
+        const u8* __restrict__ w0, const u8* __restrict__ w1, const u8* __restrict__ w2,
+        float* o0, float* o1, float* o2, int N0, int N1, int N2, int t1, int t2, int t3,
+        const void* __restrict__ Av, int a_f16, int M, int K, int lda, const float* resid, int mode) {
+#ifdef MARLIN_HAVE_WGMMA
+    using R = XRaw<QT>;
+    const int tid = threadIdx.x, wt = tid & 127, lane = tid & 31;
+    const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0), wl = __shfl_sync(0xffffffffu, wt >> 5, 0);
+    const int G = K / 32, n_st = G / 2;            // (the host makes G even)
+    const int m0 = blockIdx.z * 64, rows = min(M - m0, 64);
+    const int tb = blockIdx.x * 2;                 // tiles tb, tb + 1 (the second may not exist)
+
+    extern __shared__ uint4 smem4[];
+    const u32 base = (smem_addr(smem4) + 1023u) & ~1023u;
+    u8* smem = reinterpret_cast<u8*>(smem4) + (base - smem_addr(smem4));
+    const u32 sA = base, sB = base + X_ST * X_AB;  // the rings' shared addresses (1024-aligned stages)
+    u8* raw = smem + X_ST * (X_AB + X_BB);
+    __shared__ __align__(8) unsigned long long s_full[X_ST], s_empty[X_ST], s_raw[X_RS];
+    const u32 full_s = smem_addr(&s_full[0]), empty_s = smem_addr(&s_empty[0]), raw_s = smem_addr(&s_raw[0]);
+    {
+        u32 dyn;
+        asm("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(dyn));
+        if ((u32)(X_ST * (X_AB + X_BB) + X_RS * 2 * R::BYTES + 1024) > dyn) __trap();
+    }
+    TileRef tr[2];
+    bool tok[2];
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+        tok[u] = tb + u < t3;
+        tr[u] = tile_ref(tok[u] ? tb + u : tb, t1, t2, N0, N1, N2, w0, w1, w2);
+    }
+    // thread 0 of the producer: stage s's runs of both tiles into raw slot s % X_RS
+    auto issue_raw = [&](int s) {
+        const u32 bar = raw_s + 8u * (s % X_RS), dst = smem_addr(raw) + (u32)((s % X_RS) * 2 * R::BYTES);
+        mbar_expect(bar, (tok[0] ? R::BYTES : 0) + (tok[1] ? R::BYTES : 0));
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+            if (!tok[u]) continue;
+            const Layout L = layout_of<QT>(tr[u].N, K);
+            const u8* W = tr[u].W;
+            const int nt = tr[u].nt, g = 2 * s;
+            const u32 d = dst + (u32)(u * R::BYTES);
+            bulk_copy(d, W + ((i64)nt * (K / 16) + 2 * g) * 512, R::CB, bar);
+            bulk_copy(d + R::CB, W + L.gs + ((i64)nt * G + g) * R::SCB, R::SB, bar);
+            if (QT == 2) bulk_copy(d + R::CB + R::SB, W + L.ss + ((i64)nt * (G / 8) + (g >> 3)) * 256, 256, bar);
+        }
+    };
+    // the producer's A stage s: 64 rows x 64 k as 512 16-byte chunks, 4 a thread, swizzled as the B tile
+    auto stage_a = [&](int s) {
+        const u32 dst = sA + (u32)((s % X_ST) * X_AB);
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const int c = wt + 128 * u, r = c >> 3, q = c & 7;
+            const u32 d = dst + (u32)(r * 128 + ((q ^ (r & 7)) << 4));
+            const i64 off = (i64)(m0 + r) * lda + (i64)s * 64 + q * 8;
+            if (r >= rows) {
+                asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" :: "r"(d), "r"(0u) : "memory");
+            } else if (a_f16) {
+                cp_async16_if(d, reinterpret_cast<const half*>(Av) + off, true);
+            } else {
+                const float4* src = reinterpret_cast<const float4*>(reinterpret_cast<const float*>(Av) + off);
+                const float4 f0 = src[0], f1 = src[1];
+                asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n"
+                             :: "r"(d), "r"(h2u(__floats2half2_rn(f0.x, f0.y))), "r"(h2u(__floats2half2_rn(f0.z, f0.w))),
+                                "r"(h2u(__floats2half2_rn(f1.x, f1.y))), "r"(h2u(__floats2half2_rn(f1.z, f1.w)))
+                             : "memory");
+            }
+        }
+        cp_commit();
+    };
+
+    PDL_TRIGGER();
+    if (tid == 0) {
+#pragma unroll
+        for (int i = 0; i < X_ST; ++i) {
+            mbar_init(full_s + 8u * i, 128);
+            mbar_init(empty_s + 8u * i, 128);
+        }
+#pragma unroll
+        for (int i = 0; i < X_RS; ++i) mbar_init(raw_s + 8u * i, 1);
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        for (int s = 0; s < X_RS && s < n_st; ++s) issue_raw(s);   // weights: nothing before us writes them
+    }
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    __syncthreads();                               // the barriers' initialisation, to every thread
+
+    if (wg == 0) {
+        // ---- producer ----
+        constexpr int P = X_ST - 2;                // A is staged P stages ahead
+        for (int s = 0; s < P; ++s) {
+            if (s < n_st) stage_a(s);
+            else cp_commit();
+        }
+        for (int s = 0; s < n_st; ++s) {
+            const int sa = s + P;                  // A of stage sa into the slot stage sa - X_ST held
+            if (sa < n_st) {
+                if (sa >= X_ST) mbar_wait(empty_s + 8u * (sa % X_ST), ((sa - X_ST) / X_ST) & 1);
+                stage_a(sa);
+            } else {
+                cp_commit();
+            }
+            mbar_wait(raw_s + 8u * (s % X_RS), (s / X_RS) & 1);
+            // B of stage s: this warp dequantizes (tile u, group q) = (wl >> 1, wl & 1), both k16 steps:
+            // lane's 16-byte word holds the four 16-column fragments of the 64-column tile
+            const int u = wl >> 1, q = wl & 1;
+            const u8* st = raw + (s % X_RS) * 2 * R::BYTES + u * R::BYTES;
+            const u32 bdst = sB + (u32)((s % X_ST) * X_BB);
+#pragma unroll
+            for (int ks = 0; ks < 2; ++ks) {
+                const uint4 wv = tok[u] ? *reinterpret_cast<const uint4*>(st + q * 1024 + ks * 512 + lane * 16)
+                                        : make_uint4(0, 0, 0, 0);
+                const u32 words[4] = {wv.x, wv.y, wv.z, wv.w};
+#pragma unroll
+                for (int w = 0; w < 4; ++w) {
+                    u32 b[4] = {0u, 0u, 0u, 0u};
+                    if (tok[u]) {
+                        half2 s0, mv0, s1, mv1;
+                        wg_scales<QT>(st + R::CB + q * R::SCB, st + R::CB + R::SB, lane, w, s0, mv0, s1, mv1);
+                        dequant_word<QT>(words[w], s0, mv0, s1, mv1, b);
+                    }
+                    // matrices (col half, k half): 0 = (0-7, 0-7) b0, 1 = (8-15, 0-7) b2, 2 = (0-7, 8-15) b1,
+                    // 3 = (8-15, 8-15) b3; lane l gives row l & 7 of matrix l >> 3
+                    const int mi = lane >> 3, n = u * 64 + w * 16 + (lane & 7) + 8 * (mi & 1);
+                    const int c = 4 * q + 2 * ks + (mi >> 1);
+                    stmatrix_x4(bdst + (u32)(n * 128 + ((c ^ (n & 7)) << 4)), b[0], b[2], b[1], b[3]);
+                }
+            }
+            cp_wait<P>();                          // this thread's A chunks of stage s have landed
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");   // A and B, to the tensor cores
+            mbar_arrive(full_s + 8u * (s % X_ST));
+            asm volatile("bar.sync 1, 128;\n" ::: "memory");                 // raw slot s % X_RS is read
+            if (wt == 0 && s + X_RS < n_st) issue_raw(s + X_RS);
+        }
+        cp_wait<0>();
+        return;
+    }
+    // ---- consumer ----
+    float acc[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+    const u32 SW = 1u << 30;                       // (bit 62 of the descriptor: the 128-byte swizzle)
+    for (int s = 0; s < n_st; ++s) {
+        const int slot = s % X_ST;
+        mbar_wait(full_s + 8u * slot, (s / X_ST) & 1);
+        const unsigned long long da = wg_desc(sA + (u32)(slot * X_AB), 16, 1024) | ((unsigned long long)SW << 32);
+        const unsigned long long db = wg_desc(sB + (u32)(slot * X_BB), 16, 1024) | ((unsigned long long)SW << 32);
+        wg_fence();
+#pragma unroll
+        for (int j = 0; j < 4; ++j) wgmma_ss_128(acc, da + 2 * j, db + 2 * j, s != 0 || j != 0);
+        wg_commit();
+        wg_wait<1>();
+        if (s > 0) mbar_arrive(empty_s + 8u * ((s - 1) % X_ST));
+    }
+    wg_wait<0>();
+    // D fragment: row 16 wl + lane / 4 + 8 ((i / 2) % 2), column 8 (i / 4) + 2 (lane % 4) + i % 2
+#pragma unroll
+    for (int i = 0; i < 64; ++i) {
+        const int row = 16 * wl + (lane >> 2) + 8 * ((i >> 1) & 1), col = 8 * (i >> 2) + 2 * (lane & 3) + (i & 1);
+        const int u = col >> 6;
+        if (!tok[u] || row >= rows) continue;
+        const int n = tr[u].nt * 64 + (col & 63), N = tr[u].N;
+        if (n >= N) continue;
+        float* out = tr[u].g == 0 ? o0 : (tr[u].g == 1 ? o1 : o2);
+        const i64 o = (i64)(m0 + row) * N + n;
+        out[o] = mode == 3 ? acc[i] + resid[o] : acc[i];
+    }
+#endif
+}
+
+#define MARLIN_X_KERNEL(NAME, QT)                                                                   \
+    extern "C" __global__ void __launch_bounds__(256, 1) NAME(MARLIN_ARGS) {                        \
+        marlin_x_main<QT>(w0, w1, w2, o0, o1, o2, N0, N1, N2, t1, t2, t3, A, a_f16, M, K, lda, resid, mode); \
+    }
+MARLIN_X_KERNEL(marlin_q4_0_x64, 0)
+MARLIN_X_KERNEL(marlin_q4_1_x64, 1)
+MARLIN_X_KERNEL(marlin_q4_k_x64, 2)
+
 MARLIN_KERNEL(marlin_q4_0_m1_s4g1, 0, 1, false, 4, 1, 3)
 MARLIN_KERNEL(marlin_q4_0_m1_s6g1, 0, 1, false, 6, 1, 3)
 MARLIN_KERNEL(marlin_q4_0_m1_s8g1, 0, 1, false, 8, 1, 2)

@@ -214,12 +214,15 @@ _VARIANTS = {"m1": (16, False, 4, 2, False), "m1_glu": (16, True, 4, 1, False), 
              "d1_s3g2": (8, False, 3, 2, True), "d1_s6g1": (8, False, 6, 1, True), "d1_s3g4": (8, False, 3, 4, True),
              "d1_probe1": (8, False, 4, 2, True), "d1_probe2": (8, False, 4, 2, True),
              "w16": (16, False, 8, 2, False), "w32": (32, False, 6, 4, False), "w64": (64, False, 6, 4, False),
-             "w16_x": (16, False, 8, 2, False)}
+             "w16_x": (16, False, 8, 2, False), "x64": (64, False, 4, 2, False)}
 # the warpgroup kernels (wgmma, sm_90a): no glu, no folds; w16_x (Q4_0) swaps the A window's LBO and SBO
 # (a test that the descriptor's layout is the one that matters)
-WG_VARIANTS = ("w16", "w32", "w64", "w16_x")
+WG_VARIANTS = ("w16", "w32", "w64", "w16_x", "x64")
 # warpgroups a CTA (marlin.cu MARLIN_WG_TYPE): as many as 64K registers hold without spills
-WG_NWG = {"w16": 4, "w32": 2, "w64": 2, "w16_x": 4}
+WG_NWG = {"w16": 4, "w32": 2, "w64": 2, "w16_x": 4, "x64": 2}
+# (experiment) the mixed-input kernel marlin_<type>_x64 (marlin.cu X_ST, X_RS): a producer and a consumer
+# warpgroup, two 64-column tiles a CTA over the whole K, no slabs
+X_STAGES, X_RAW_STAGES = 4, 4
 SWEEP_VARIANTS = tuple(k for k in _VARIANTS if "_s" in k)
 PROBE_VARIANTS = ("d1_probe1", "d1_probe2")    # Q4_0, benchmarks only: arithmetic / A window left out
 CONFIGS = ("d1", "d2", "m1", "m2", "m4")          # the default variants (every type)
@@ -242,6 +245,9 @@ _DEC_SCALE_BYTES = {2: 128, 3: 256, 12: 384}       # a group's scale bytes in th
 
 def _smem_bytes(variant: str, rows: int, kw: int, cluster: bool = False, kws: int = 1, ggml_type: int = 2) -> int:
     nb, glu, stages, gps, dec = _VARIANTS[variant]
+    if variant == "x64":                          # A and B rings, the raw ring, 1024 alignment
+        raw = 2 * 1024 + 2 * (256 if ggml_type == 3 else 128) + (256 if ggml_type == 12 else 0)
+        return X_STAGES * (64 * 128 + 128 * 128) + X_RAW_STAGES * 2 * raw + 1024
     if variant in WG_VARIANTS:                    # the warpgroups' rings + the A window (nb rows, not `rows`)
         stage = gps * (1024 + (256 if ggml_type == 3 else 128)) + (256 if ggml_type == 12 else 0)
         return WG_NWG[variant] * stages * stage + 1024 + nb * kw * 2     # (the window is 1024-aligned)
@@ -515,7 +521,9 @@ class MarlinPlan:
             gps = _VARIANTS[variant][3]
             if G % gps:
                 raise ValueError(f"Marlin: {variant} needs K to be a multiple of {32 * gps}")
-            if slabs or kws:
+            if variant == "x64":
+                self.tpc, self.slabs = 2, 1             # (the kernel's fixed split)
+            elif slabs or kws:
                 self.tpc, self.slabs = int(kws or 1), int(slabs or 1)
             else:
                 self.tpc, self.slabs = choose_split_wg(T, self.m_tiles, G, variant, sm_count(), t)
