@@ -327,6 +327,29 @@ __device__ __forceinline__ float2 rope_cs(int pos, int p, float theta_scale, flo
     return make_float2((float)cv, (float)sv);
 }
 
+// One output element's epilogue after its full sum a (b: the up projection's, for the glu): the glu
+// or the residual, the store into out (group g's output, N columns), and where the launch folds the
+// KV-cache write (PX != 0; g 1 and 2: k and v) the cache element and, once a row, the slot's position
+template <bool GLU, int PX>
+__device__ __forceinline__ void store_element(const MarlinJob& j, float* out, int mode, int m0, int g, int row,
+                                              int n, int N, float a, float b) {
+    const i64 o = (i64)(m0 + row) * N + n;
+    float v = a;
+    if (GLU) v = (mode == 1 ? act_silu(v) : act_gelu(v)) * b;
+    else if (mode == 3) v += j.resid[o];
+    out[o] = v;
+    if (PX != 0 && j.kv.kc != nullptr && g != 0) {
+        const int s = j.kv.sk ? j.kv.sk[2 * row] : j.kv.slots[m0 + row];
+        if (s >= 0 && s < j.kv.cap) {
+            const i64 e = (i64)s * N + n;
+            void* c = g == 1 ? j.kv.kc : j.kv.vc;
+            if (j.kv.f16) reinterpret_cast<half*>(c)[e] = __float2half_rn(v);
+            else reinterpret_cast<float*>(c)[e] = v;
+            if (g == 1 && n == 0) j.kv.pc[s] = j.kv.sk ? j.kv.sk[2 * row + 1] : j.kv.pos[m0 + row];
+        }
+    }
+}
+
 #if MARLIN_PAR_EPI
 // The store path of a kws > 1 launch with one slab, on all the CTA's threads: red holds every warp's
 // sums ([warp][w][rows][64]); thread e takes element e of the CTA's tiles, sums its k-warps in the
@@ -361,22 +384,7 @@ __device__ __forceinline__ void marlin_store_elementwise(const MarlinJob& j, con
                             : __fsub_rn(__fmul_rn(a0, cs.x), __fmul_rn(a1, cs.y));
             }
         }
-        const int m0 = j.m0;
-        const i64 o = (i64)(m0 + row) * N + n;
-        float v = a;
-        if (GLU) v = (j.mode == 1 ? act_silu(v) : act_gelu(v)) * b;
-        else if (j.mode == 3) v += j.resid[o];
-        (g == 0 ? j.o0 : (g == 1 ? j.o1 : j.o2))[o] = v;
-        if (PX != 0 && j.kv.kc != nullptr && g != 0) {
-            const int s = j.kv.sk ? j.kv.sk[2 * row] : j.kv.slots[m0 + row];
-            if (s >= 0 && s < j.kv.cap) {
-                const i64 ce = (i64)s * N + n;
-                void* c = g == 1 ? j.kv.kc : j.kv.vc;
-                if (j.kv.f16) reinterpret_cast<half*>(c)[ce] = __float2half_rn(v);
-                else reinterpret_cast<float*>(c)[ce] = v;
-                if (g == 1 && n == 0) j.kv.pc[s] = j.kv.sk ? j.kv.sk[2 * row + 1] : j.kv.pos[m0 + row];
-            }
-        }
+        store_element<GLU, PX>(j, g == 0 ? j.o0 : (g == 1 ? j.o1 : j.o2), j.mode, j.m0, g, row, n, N, a, b);
     }
 }
 #endif
@@ -479,23 +487,7 @@ __device__ __forceinline__ void marlin_finish(const MarlinJob& j, Each&& each, u
                                 : __fsub_rn(__fmul_rn(a0, cs.x), __fmul_rn(a1, cs.y));     // a cos - b sin
                 }
             }
-            if (row < rows && n < N) {
-                const i64 o = (i64)(m0 + row) * N + n;
-                float v = a;
-                if (GLU) v = (mode == 1 ? act_silu(v) : act_gelu(v)) * b;
-                else if (mode == 3) v += j.resid[o];
-                out[o] = v;
-                if (PX != 0 && j.kv.kc != nullptr && g != 0) {
-                    const int s = j.kv.sk ? j.kv.sk[2 * row] : j.kv.slots[m0 + row];
-                    if (s >= 0 && s < j.kv.cap) {
-                        const i64 e = (i64)s * N + n;
-                        void* c = g == 1 ? j.kv.kc : j.kv.vc;
-                        if (j.kv.f16) reinterpret_cast<half*>(c)[e] = __float2half_rn(v);
-                        else reinterpret_cast<float*>(c)[e] = v;
-                        if (g == 1 && n == 0) j.kv.pc[s] = j.kv.sk ? j.kv.sk[2 * row + 1] : j.kv.pos[m0 + row];
-                    }
-                }
-            }
+            if (row < rows && n < N) store_element<GLU, PX>(j, out, mode, m0, g, row, n, N, a, b);
         });
         return;
     }
