@@ -1604,8 +1604,29 @@ MARLIN_WG_KERNEL(marlin_q4_0_w16_x, 0, 16, 4, 8, 2, true)
 // stage's "empty" barrier once those wgmmas are complete. Unlike w64, the dequantization is off the
 // tensor cores' critical path, a wgmma does 2x w64's work, and there are no slabs or partials.
 // Modes 0 (store) and 3 (residual add).
-constexpr int X_ST = 4;                            // stages of the A/B ring (64 k each)
-constexpr int X_RS = 4;                            // stages of the raw (layout) ring
+#ifndef MARLIN_XST
+#define MARLIN_XST 4
+#endif
+#ifndef MARLIN_XRS
+#define MARLIN_XRS 4
+#endif
+#ifndef MARLIN_XP
+#define MARLIN_XP (MARLIN_XST - 2)
+#endif
+constexpr int X_ST = MARLIN_XST;                   // stages of the A/B ring (64 k each)
+constexpr int X_RS = MARLIN_XRS;                   // stages of the raw (layout) ring
+// MARLIN_XTRACE (a measurement build, benchmarks/xtrace.py): CTA 0's producer thread 0 and consumer
+// thread 128 stamp clock64 at each stage's waits (marlin_xtrace[event][stage], stages < 512)
+#ifndef MARLIN_XTRACE
+#define MARLIN_XTRACE 0
+#endif
+#if MARLIN_XTRACE
+__device__ long long marlin_xtrace[10 * 512];
+#define XSTAMP(ev, s) do { if (blockIdx.x == 0 && blockIdx.z == 0 && (s) < 512) \
+    marlin_xtrace[(ev) * 512 + (s)] = clock64(); } while (0)
+#else
+#define XSTAMP(ev, s) do {} while (0)
+#endif
 constexpr int X_AB = 64 * 128;                     // bytes of an A stage (64 rows x 64 k f16)
 constexpr int X_BB = 128 * 128;                    // bytes of a B stage (128 columns x 64 k f16)
 template <int QT> struct XRaw {                    // a tile's layout runs of one stage (two groups)
@@ -1726,20 +1747,24 @@ __device__ __forceinline__ void marlin_x_main(
 
     if (wg == 0) {
         // ---- producer ----
-        constexpr int P = X_ST - 2;                // A is staged P stages ahead
+        constexpr int P = MARLIN_XP;               // A is staged P stages ahead
         for (int s = 0; s < P; ++s) {
             if (s < n_st) stage_a(s);
             else cp_commit();
         }
         for (int s = 0; s < n_st; ++s) {
             const int sa = s + P;                  // A of stage sa into the slot stage sa - X_ST held
+            if (tid == 0) XSTAMP(0, s);
             if (sa < n_st) {
                 if (sa >= X_ST) mbar_wait(empty_s + 8u * (sa % X_ST), ((sa - X_ST) / X_ST) & 1);
+                if (tid == 0) XSTAMP(1, s);
                 stage_a(sa);
             } else {
                 cp_commit();
             }
+            if (tid == 0) XSTAMP(2, s);
             mbar_wait(raw_s + 8u * (s % X_RS), (s / X_RS) & 1);
+            if (tid == 0) XSTAMP(3, s);
             // B of stage s: this warp dequantizes (tile u, group q) = (wl >> 1, wl & 1), both k16 steps:
             // lane's 16-byte word holds the four 16-column fragments of the 64-column tile
             const int u = wl >> 1, q = wl & 1;
@@ -1765,10 +1790,13 @@ __device__ __forceinline__ void marlin_x_main(
                     stmatrix_x4(bdst + (u32)(n * 128 + ((c ^ (n & 7)) << 4)), b[0], b[2], b[1], b[3]);
                 }
             }
+            if (tid == 0) XSTAMP(4, s);
             cp_wait<P>();                          // this thread's A chunks of stage s have landed
+            if (tid == 0) XSTAMP(5, s);
             asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");   // A and B, to the tensor cores
             mbar_arrive(full_s + 8u * (s % X_ST));
             asm volatile("bar.sync 1, 128;\n" ::: "memory");                 // raw slot s % X_RS is read
+            if (tid == 0) XSTAMP(6, s);
             if (wt == 0 && s + X_RS < n_st) issue_raw(s + X_RS);
         }
         cp_wait<0>();
@@ -1781,7 +1809,9 @@ __device__ __forceinline__ void marlin_x_main(
     const u32 SW = 1u << 30;                       // (bit 62 of the descriptor: the 128-byte swizzle)
     for (int s = 0; s < n_st; ++s) {
         const int slot = s % X_ST;
+        if (tid == 128) XSTAMP(7, s);
         mbar_wait(full_s + 8u * slot, (s / X_ST) & 1);
+        if (tid == 128) XSTAMP(8, s);
         const unsigned long long da = wg_desc(sA + (u32)(slot * X_AB), 16, 1024) | ((unsigned long long)SW << 32);
         const unsigned long long db = wg_desc(sB + (u32)(slot * X_BB), 16, 1024) | ((unsigned long long)SW << 32);
         wg_fence();
@@ -1789,6 +1819,7 @@ __device__ __forceinline__ void marlin_x_main(
         for (int j = 0; j < 4; ++j) wgmma_ss_128(acc, da + 2 * j, db + 2 * j, s != 0 || j != 0);
         wg_commit();
         wg_wait<1>();
+        if (tid == 128) XSTAMP(9, s);
         if (s > 0) mbar_arrive(empty_s + 8u * ((s - 1) % X_ST));
     }
     wg_wait<0>();

@@ -105,6 +105,9 @@ def _module():
     opts += () if _env_on("GGFLAT_MARLIN_PAREPI", "1") else ("-DMARLIN_PAR_EPI=0",)
     agate = os.environ.get("GGFLAT_MARLIN_AGATE", "0").strip()          # (experiment) 0 .. 3
     opts += (f"-DMARLIN_AGATE={agate}",) if agate in ("1", "2", "3") else ()
+    if (X_STAGES, X_RAW_STAGES, X_AHEAD) != (4, 4, 2):
+        opts += (f"-DMARLIN_XST={X_STAGES}", f"-DMARLIN_XRS={X_RAW_STAGES}", f"-DMARLIN_XP={X_AHEAD}")
+    opts += ("-DMARLIN_XTRACE=1",) if _env_on("GGFLAT_MARLIN_XTRACE", "0") else ()
     return load_module("marlin", opts)
 
 
@@ -222,7 +225,10 @@ WG_VARIANTS = ("w16", "w32", "w64", "w16_x", "x64")
 WG_NWG = {"w16": 4, "w32": 2, "w64": 2, "w16_x": 4, "x64": 2}
 # (experiment) the mixed-input kernel marlin_<type>_x64 (marlin.cu X_ST, X_RS): a producer and a consumer
 # warpgroup, two 64-column tiles a CTA over the whole K, no slabs
-X_STAGES, X_RAW_STAGES = 4, 4
+# (GGFLAT_MARLIN_XST / _XRS / _XP: other depths, for measurement runs; XP: the stages A is staged ahead)
+X_STAGES = int(os.environ.get("GGFLAT_MARLIN_XST", "4"))
+X_RAW_STAGES = int(os.environ.get("GGFLAT_MARLIN_XRS", "4"))
+X_AHEAD = int(os.environ.get("GGFLAT_MARLIN_XP", str(X_STAGES - 2)))
 SWEEP_VARIANTS = tuple(k for k in _VARIANTS if "_s" in k)
 PROBE_VARIANTS = ("d1_probe1", "d1_probe2")    # Q4_0, benchmarks only: arithmetic / A window left out
 CONFIGS = ("d1", "d2", "m1", "m2", "m4")          # the default variants (every type)
@@ -527,7 +533,7 @@ class MarlinPlan:
                 self.tpc, self.slabs = int(kws or 1), int(slabs or 1)
             else:
                 self.tpc, self.slabs = choose_split_wg(T, self.m_tiles, G, variant, sm_count(), t)
-            if not 1 <= self.tpc <= T or not 1 <= self.slabs <= G // gps:
+            if not 1 <= self.tpc <= max(T, 2 if variant == "x64" else 1) or not 1 <= self.slabs <= G // gps:
                 raise ValueError(f"Marlin: {variant} needs 1..{T} tiles a CTA and 1..{G // gps} slabs")
             self.kws, self.cluster = 1, False
             self.smem = _smem_bytes(variant, tile_rows, _wg_kw(G, self.slabs, gps), ggml_type=t)
