@@ -1594,29 +1594,40 @@ MARLIN_WG_TYPE(2, q4_k)
 MARLIN_WG_KERNEL(marlin_q4_0_w16_x, 0, 16, 4, 8, 2, true)
 
 // -- the mixed-input kernel (sm_90a, 17..64 rows; experiment) ------------------------------------
-// marlin_<type>_x64: out (64 rows x 128 columns: two 64-column tiles) over the whole K in one CTA of two
-// warpgroups. Warpgroup 0 produces: its thread 0 streams the two tiles' layout runs into a raw ring
-// (bulk copies, one mbarrier a stage); all its threads dequantize a stage into a K-major f16 tile B
-// (128 columns x 64 k, 128-byte swizzle, written with stmatrix from the mma fragments dequant_word
-// yields) and stage A's 64 rows x 64 k the same way (cp.async, two stages ahead), then arrive on the
-// stage's "full" barrier. Warpgroup 1 consumes: four wgmma.m64n128k16 a stage with both operands in
-// shared memory (A: the activations, m = rows; B: the weights, n = columns), and arrives on the
-// stage's "empty" barrier once those wgmmas are complete. Unlike w64, the dequantization is off the
-// tensor cores' critical path, a wgmma does 2x w64's work, and there are no slabs or partials.
-// Modes 0 (store) and 3 (residual add).
+// marlin_<type>_x64: out (64 rows x 128 columns: two 64-column tiles) over the whole K in one CTA,
+// warp-specialized (416 threads):
+//  - warp 12 loads: its lane 0 streams the two tiles' layout runs into a raw ring (bulk copies, a
+//    "raw full" mbarrier a stage, up to X_DR stages ahead, a slot reused once its "raw empty"
+//    completes); its 32 lanes stage A's 64 rows x 64 k of a stage (cp.async, 128-byte swizzle; f32
+//    A converted on the way) as soon as the stage's slot is free, and X_L stages later, once those
+//    copies have landed, arrive on the stage's "full" barrier;
+//  - warpgroups 1 and 2 dequantize, alternate stages: a stage's raw runs into a K-major f16 B tile
+//    (128 columns x 64 k, 128-byte swizzle, written with stmatrix from the mma fragments
+//    dequant_word yields), then arrive on "raw empty" and "full";
+//  - warpgroup 0 consumes: four wgmma.m64n128k16 a stage with both operands in shared memory (A:
+//    the activations, m = rows; B: the weights, n = columns), and arrives on the stage's "empty"
+//    barrier once those wgmmas are complete; then the epilogue.
+// Session 9's first version had one producer warpgroup do all of this in turn: 830 ns a stage
+// (benchmarks/xtrace.py), the consumer idle 84% of it. Modes 0 (store) and 3 (residual add).
 #ifndef MARLIN_XST
-#define MARLIN_XST 4
+#define MARLIN_XST 6
 #endif
 #ifndef MARLIN_XRS
-#define MARLIN_XRS 4
-#endif
-#ifndef MARLIN_XP
-#define MARLIN_XP (MARLIN_XST - 2)
+#define MARLIN_XRS 8
 #endif
 constexpr int X_ST = MARLIN_XST;                   // stages of the A/B ring (64 k each)
 constexpr int X_RS = MARLIN_XRS;                   // stages of the raw (layout) ring
-// MARLIN_XTRACE (a measurement build, benchmarks/xtrace.py): CTA 0's producer thread 0 and consumer
-// thread 128 stamp clock64 at each stage's waits (marlin_xtrace[event][stage], stages < 512)
+constexpr int X_L = X_ST - 2;                      // A's copies get X_L stages to land (at most X_ST - 2)
+constexpr int X_DR = X_RS + X_ST - 2 - X_L;        // the raw ring's lead (X_DR + X_L <= X_RS + X_ST - 2)
+constexpr int X_THREADS = 416;
+constexpr int X_AB = 64 * 128;                     // bytes of an A stage (64 rows x 64 k f16)
+constexpr int X_BB = 128 * 128;                    // bytes of a B stage (128 columns x 64 k f16)
+template <int QT> struct XRaw {                    // a tile's layout runs of one stage (two groups)
+    static constexpr int SCB = QT == 1 ? 256 : 128;
+    static constexpr int CB = 2 * 1024, SB = 2 * SCB, BYTES = CB + SB + (QT == 2 ? 256 : 0);
+};
+// MARLIN_XTRACE (a measurement build, benchmarks/xtrace.py): CTA 0 stamps clock64 at each stage's
+// waits (marlin_xtrace[event][stage], stages < 512)
 #ifndef MARLIN_XTRACE
 #define MARLIN_XTRACE 0
 #endif
@@ -1627,13 +1638,10 @@ __device__ long long marlin_xtrace[10 * 512];
 #else
 #define XSTAMP(ev, s) do {} while (0)
 #endif
-constexpr int X_AB = 64 * 128;                     // bytes of an A stage (64 rows x 64 k f16)
-constexpr int X_BB = 128 * 128;                    // bytes of a B stage (128 columns x 64 k f16)
-template <int QT> struct XRaw {                    // a tile's layout runs of one stage (two groups)
-    static constexpr int SCB = QT == 1 ? 256 : 128;
-    static constexpr int CB = 2 * 1024, SB = 2 * SCB, BYTES = CB + SB + (QT == 2 ? 256 : 0);
-};
 
+__device__ __forceinline__ void cp_async16_zfill(u32 dst, const void* src, bool p) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(dst), "l"(src), "r"(p ? 16 : 0));
+}
 __device__ __forceinline__ void mbar_arrive(u32 bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"(bar) : "memory");
 }
@@ -1664,8 +1672,9 @@ __device__ __forceinline__ void marlin_x_main(
         const void* __restrict__ Av, int a_f16, int M, int K, int lda, const float* resid, int mode) {
 #ifdef MARLIN_HAVE_WGMMA
     using R = XRaw<QT>;
-    const int tid = threadIdx.x, wt = tid & 127, lane = tid & 31;
-    const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0), wl = __shfl_sync(0xffffffffu, wt >> 5, 0);
+    static_assert(X_L >= 1 && X_L <= X_ST - 2 && X_DR >= 1 && X_DR <= X_RS, "x64: ring depths");
+    const int tid = threadIdx.x, lane = tid & 31;
+    const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0), wl = warp & 3, wg = warp >> 2;
     const int G = K / 32, n_st = G / 2;            // (the host makes G even)
     const int m0 = blockIdx.z * 64, rows = min(M - m0, 64);
     const int tb = blockIdx.x * 2;                 // tiles tb, tb + 1 (the second may not exist)
@@ -1675,8 +1684,9 @@ __device__ __forceinline__ void marlin_x_main(
     u8* smem = reinterpret_cast<u8*>(smem4) + (base - smem_addr(smem4));
     const u32 sA = base, sB = base + X_ST * X_AB;  // the rings' shared addresses (1024-aligned stages)
     u8* raw = smem + X_ST * (X_AB + X_BB);
-    __shared__ __align__(8) unsigned long long s_full[X_ST], s_empty[X_ST], s_raw[X_RS];
-    const u32 full_s = smem_addr(&s_full[0]), empty_s = smem_addr(&s_empty[0]), raw_s = smem_addr(&s_raw[0]);
+    __shared__ __align__(8) unsigned long long s_full[X_ST], s_empty[X_ST], s_rfull[X_RS], s_rempty[X_RS];
+    const u32 full_s = smem_addr(&s_full[0]), empty_s = smem_addr(&s_empty[0]);
+    const u32 rfull_s = smem_addr(&s_rfull[0]), rempty_s = smem_addr(&s_rempty[0]);
     {
         u32 dyn;
         asm("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(dyn));
@@ -1689,100 +1699,135 @@ __device__ __forceinline__ void marlin_x_main(
         tok[u] = tb + u < t3;
         tr[u] = tile_ref(tok[u] ? tb + u : tb, t1, t2, N0, N1, N2, w0, w1, w2);
     }
-    // thread 0 of the producer: stage s's runs of both tiles into raw slot s % X_RS
-    auto issue_raw = [&](int s) {
-        const u32 bar = raw_s + 8u * (s % X_RS), dst = smem_addr(raw) + (u32)((s % X_RS) * 2 * R::BYTES);
-        mbar_expect(bar, (tok[0] ? R::BYTES : 0) + (tok[1] ? R::BYTES : 0));
+
+    if (warp == 12) {
+        // ---- the loading warp ----
+        // lane 0: stage s's runs of both tiles into raw slot s % X_RS (the runs of a stage are
+        // contiguous in the layout: a stage further is a fixed step)
+        const u8 *rc[2], *rg[2], *rsc[2];
 #pragma unroll
         for (int u = 0; u < 2; ++u) {
-            if (!tok[u]) continue;
             const Layout L = layout_of<QT>(tr[u].N, K);
-            const u8* W = tr[u].W;
-            const int nt = tr[u].nt, g = 2 * s;
-            const u32 d = dst + (u32)(u * R::BYTES);
-            bulk_copy(d, W + ((i64)nt * (K / 16) + 2 * g) * 512, R::CB, bar);
-            bulk_copy(d + R::CB, W + L.gs + ((i64)nt * G + g) * R::SCB, R::SB, bar);
-            if (QT == 2) bulk_copy(d + R::CB + R::SB, W + L.ss + ((i64)nt * (G / 8) + (g >> 3)) * 256, 256, bar);
+            rc[u] = tr[u].W + (i64)tr[u].nt * (K / 16) * 512;
+            rg[u] = tr[u].W + L.gs + (i64)tr[u].nt * G * R::SCB;
+            rsc[u] = tr[u].W + L.ss + (i64)tr[u].nt * (G / 8) * 256;
         }
-    };
-    // the producer's A stage s: 64 rows x 64 k as 512 16-byte chunks, 4 a thread, swizzled as the B tile
-    auto stage_a = [&](int s) {
-        const u32 dst = sA + (u32)((s % X_ST) * X_AB);
+        const u32 rbytes = (tok[0] ? R::BYTES : 0) + (tok[1] ? R::BYTES : 0);
+        auto issue_raw = [&](int s) {
+            const u32 bar = rfull_s + 8u * (s % X_RS), dst = smem_addr(raw) + (u32)((s % X_RS) * 2 * R::BYTES);
+            mbar_expect(bar, rbytes);
 #pragma unroll
-        for (int u = 0; u < 4; ++u) {
-            const int c = wt + 128 * u, r = c >> 3, q = c & 7;
-            const u32 d = dst + (u32)(r * 128 + ((q ^ (r & 7)) << 4));
-            const i64 off = (i64)(m0 + r) * lda + (i64)s * 64 + q * 8;
-            if (r >= rows) {
-                asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" :: "r"(d), "r"(0u) : "memory");
-            } else if (a_f16) {
-                cp_async16_if(d, reinterpret_cast<const half*>(Av) + off, true);
-            } else {
-                const float4* src = reinterpret_cast<const float4*>(reinterpret_cast<const float*>(Av) + off);
-                const float4 f0 = src[0], f1 = src[1];
-                asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n"
-                             :: "r"(d), "r"(h2u(__floats2half2_rn(f0.x, f0.y))), "r"(h2u(__floats2half2_rn(f0.z, f0.w))),
-                                "r"(h2u(__floats2half2_rn(f1.x, f1.y))), "r"(h2u(__floats2half2_rn(f1.z, f1.w)))
-                             : "memory");
+            for (int u = 0; u < 2; ++u) {
+                if (!tok[u]) continue;
+                const u32 d = dst + (u32)(u * R::BYTES);
+                bulk_copy(d, rc[u] + (i64)s * 2 * 1024, R::CB, bar);
+                bulk_copy(d + R::CB, rg[u] + (i64)s * R::SB, R::SB, bar);
+                if (QT == 2) bulk_copy(d + R::CB + R::SB, rsc[u] + (i64)(s >> 2) * 256, 256, bar);
             }
-        }
-        cp_commit();
-    };
-
-    PDL_TRIGGER();
-    if (tid == 0) {
+        };
+        if (lane == 0) {
 #pragma unroll
-        for (int i = 0; i < X_ST; ++i) {
-            mbar_init(full_s + 8u * i, 128);
-            mbar_init(empty_s + 8u * i, 128);
-        }
+            for (int i = 0; i < X_ST; ++i) {
+                mbar_init(full_s + 8u * i, 128 + 32);   // a dequantizing warpgroup + this warp's lanes
+                mbar_init(empty_s + 8u * i, 128);
+            }
 #pragma unroll
-        for (int i = 0; i < X_RS; ++i) mbar_init(raw_s + 8u * i, 1);
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        for (int s = 0; s < X_RS && s < n_st; ++s) issue_raw(s);   // weights: nothing before us writes them
-    }
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");
-    __syncthreads();                               // the barriers' initialisation, to every thread
-
-    if (wg == 0) {
-        // ---- producer ----
-        constexpr int P = MARLIN_XP;               // A is staged P stages ahead
-        for (int s = 0; s < P; ++s) {
-            if (s < n_st) stage_a(s);
-            else cp_commit();
+            for (int i = 0; i < X_RS; ++i) {
+                mbar_init(rfull_s + 8u * i, 1);
+                mbar_init(rempty_s + 8u * i, 128);
+            }
+            asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+            for (int s = 0; s < X_DR && s < n_st; ++s) issue_raw(s);   // weights: nothing before us writes them
         }
+        PDL_TRIGGER();
+        __syncthreads();                           // the barriers' initialisation, to every thread
+        asm volatile("griddepcontrol.wait;\n" ::: "memory");
+        // lane's A chunks: column chunk q = lane & 7, rows lane / 8 + 4 i (i < 16)
+        const int q = lane & 7, r0 = lane >> 3;
+        u32 valid = 0;
+#pragma unroll
+        for (int i = 0; i < 16; ++i) valid |= (r0 + 4 * i < rows ? 1u : 0u) << i;
+        const u32 dlo = (u32)(r0 * 128 + ((q ^ r0) << 4)), dhi = (u32)(r0 * 128 + ((q ^ (r0 + 4)) << 4));
+        const i64 abase = (i64)(m0 + r0) * lda + q * 8;
         for (int s = 0; s < n_st; ++s) {
-            const int sa = s + P;                  // A of stage sa into the slot stage sa - X_ST held
-            if (tid == 0) XSTAMP(0, s);
-            if (sa < n_st) {
-                if (sa >= X_ST) mbar_wait(empty_s + 8u * (sa % X_ST), ((sa - X_ST) / X_ST) & 1);
-                if (tid == 0) XSTAMP(1, s);
-                stage_a(sa);
-            } else {
-                cp_commit();
+            const int sr = s + X_DR;               // raw of stage sr into the slot stage sr - X_RS held
+            if (lane == 0 && sr < n_st) {
+                if (sr >= X_RS) mbar_wait(rempty_s + 8u * (sr % X_RS), ((sr / X_RS) + 1) & 1);
+                issue_raw(sr);
             }
-            if (tid == 0) XSTAMP(2, s);
-            mbar_wait(raw_s + 8u * (s % X_RS), (s / X_RS) & 1);
-            if (tid == 0) XSTAMP(3, s);
-            // B of stage s: this warp dequantizes (tile u, group q) = (wl >> 1, wl & 1), both k16 steps:
-            // lane's 16-byte word holds the four 16-column fragments of the 64-column tile
-            const int u = wl >> 1, q = wl & 1;
+            if (s >= X_ST) mbar_wait(empty_s + 8u * (s % X_ST), ((s / X_ST) + 1) & 1);
+            if (lane == 0) XSTAMP(0, s);
+            const u32 dst = sA + (u32)((s % X_ST) * X_AB);
+            if (a_f16) {
+                const half* A = reinterpret_cast<const half*>(Av) + abase + s * 64;
+#pragma unroll
+                for (int i = 0; i < 16; ++i) {
+                    const bool ok = (valid >> i) & 1u;
+                    cp_async16_zfill(dst + (u32)(i * 4 * 128) + ((i & 1) ? dhi : dlo),
+                                     ok ? (const void*)(A + (i64)i * 4 * lda) : Av, ok);
+                }
+            } else {
+                const float* A = reinterpret_cast<const float*>(Av) + abase + s * 64;
+#pragma unroll 4
+                for (int i = 0; i < 16; ++i) {
+                    float4 f0 = make_float4(0.f, 0.f, 0.f, 0.f), f1 = f0;
+                    if ((valid >> i) & 1u) {
+                        const float4* src = reinterpret_cast<const float4*>(A + (i64)i * 4 * lda);
+                        f0 = src[0]; f1 = src[1];
+                    }
+                    asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n"
+                                 :: "r"(dst + (u32)(i * 4 * 128) + ((i & 1) ? dhi : dlo)),
+                                    "r"(h2u(__floats2half2_rn(f0.x, f0.y))), "r"(h2u(__floats2half2_rn(f0.z, f0.w))),
+                                    "r"(h2u(__floats2half2_rn(f1.x, f1.y))), "r"(h2u(__floats2half2_rn(f1.z, f1.w)))
+                                 : "memory");
+                }
+            }
+            cp_commit();
+            if (s >= X_L) {                        // stage s - X_L's A has landed: to the tensor cores
+                cp_wait<X_L>();
+                asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+                mbar_arrive(full_s + 8u * ((s - X_L) % X_ST));
+            }
+        }
+        cp_wait<0>();
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        for (int s = max(n_st - X_L, 0); s < n_st; ++s) mbar_arrive(full_s + 8u * (s % X_ST));
+        return;
+    }
+    PDL_TRIGGER();
+    __syncthreads();
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+
+    if (wg >= 1) {
+        // ---- the dequantizing warpgroups: wg 1 the even stages, wg 2 the odd ones ----
+        const int u = wl >> 1, q = wl & 1;         // this warp: tile u, group q of a stage, both k16 steps
+        for (int s = wg - 1; s < n_st; s += 2) {
+            if (s >= X_ST) mbar_wait(empty_s + 8u * (s % X_ST), ((s / X_ST) + 1) & 1);
+            if ((tid & 127) == 0) XSTAMP(1, s);
+            mbar_wait(rfull_s + 8u * (s % X_RS), (s / X_RS) & 1);
+            if ((tid & 127) == 0) XSTAMP(2, s);
             const u8* st = raw + (s % X_RS) * 2 * R::BYTES + u * R::BYTES;
             const u32 bdst = sB + (u32)((s % X_ST) * X_BB);
+            uint4 wv[2];
+#pragma unroll
+            for (int ks = 0; ks < 2; ++ks)
+                wv[ks] = tok[u] ? *reinterpret_cast<const uint4*>(st + q * 1024 + ks * 512 + lane * 16)
+                                : make_uint4(0, 0, 0, 0);
+            half2 sc[4][4];
+#pragma unroll
+            for (int w = 0; w < 4; ++w) {
+                sc[w][0] = sc[w][1] = sc[w][2] = sc[w][3] = __float2half2_rn(0.0f);
+                if (tok[u]) wg_scales<QT>(st + R::CB + q * R::SCB, st + R::CB + R::SB, lane, w, sc[w][0], sc[w][1], sc[w][2], sc[w][3]);
+            }
+            mbar_arrive(rempty_s + 8u * (s % X_RS));   // the raw slot is read (into registers)
 #pragma unroll
             for (int ks = 0; ks < 2; ++ks) {
-                const uint4 wv = tok[u] ? *reinterpret_cast<const uint4*>(st + q * 1024 + ks * 512 + lane * 16)
-                                        : make_uint4(0, 0, 0, 0);
-                const u32 words[4] = {wv.x, wv.y, wv.z, wv.w};
+                const u32 words[4] = {wv[ks].x, wv[ks].y, wv[ks].z, wv[ks].w};
 #pragma unroll
                 for (int w = 0; w < 4; ++w) {
-                    u32 b[4] = {0u, 0u, 0u, 0u};
-                    if (tok[u]) {
-                        half2 s0, mv0, s1, mv1;
-                        wg_scales<QT>(st + R::CB + q * R::SCB, st + R::CB + R::SB, lane, w, s0, mv0, s1, mv1);
-                        dequant_word<QT>(words[w], s0, mv0, s1, mv1, b);
-                    }
+                    u32 b[4];
+                    dequant_word<QT>(words[w], sc[w][0], sc[w][1], sc[w][2], sc[w][3], b);
                     // matrices (col half, k half): 0 = (0-7, 0-7) b0, 1 = (8-15, 0-7) b2, 2 = (0-7, 8-15) b1,
                     // 3 = (8-15, 8-15) b3; lane l gives row l & 7 of matrix l >> 3
                     const int mi = lane >> 3, n = u * 64 + w * 16 + (lane & 7) + 8 * (mi & 1);
@@ -1790,28 +1835,22 @@ __device__ __forceinline__ void marlin_x_main(
                     stmatrix_x4(bdst + (u32)(n * 128 + ((c ^ (n & 7)) << 4)), b[0], b[2], b[1], b[3]);
                 }
             }
-            if (tid == 0) XSTAMP(4, s);
-            cp_wait<P>();                          // this thread's A chunks of stage s have landed
-            if (tid == 0) XSTAMP(5, s);
-            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");   // A and B, to the tensor cores
+            if ((tid & 127) == 0) XSTAMP(3, s);
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");   // B, to the tensor cores
             mbar_arrive(full_s + 8u * (s % X_ST));
-            asm volatile("bar.sync 1, 128;\n" ::: "memory");                 // raw slot s % X_RS is read
-            if (tid == 0) XSTAMP(6, s);
-            if (wt == 0 && s + X_RS < n_st) issue_raw(s + X_RS);
         }
-        cp_wait<0>();
         return;
     }
-    // ---- consumer ----
+    // ---- the consumer ----
     float acc[64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
     const u32 SW = 1u << 30;                       // (bit 62 of the descriptor: the 128-byte swizzle)
     for (int s = 0; s < n_st; ++s) {
         const int slot = s % X_ST;
-        if (tid == 128) XSTAMP(7, s);
+        if (tid == 0) XSTAMP(7, s);
         mbar_wait(full_s + 8u * slot, (s / X_ST) & 1);
-        if (tid == 128) XSTAMP(8, s);
+        if (tid == 0) XSTAMP(8, s);
         const unsigned long long da = wg_desc(sA + (u32)(slot * X_AB), 16, 1024) | ((unsigned long long)SW << 32);
         const unsigned long long db = wg_desc(sB + (u32)(slot * X_BB), 16, 1024) | ((unsigned long long)SW << 32);
         wg_fence();
@@ -1819,7 +1858,7 @@ __device__ __forceinline__ void marlin_x_main(
         for (int j = 0; j < 4; ++j) wgmma_ss_128(acc, da + 2 * j, db + 2 * j, s != 0 || j != 0);
         wg_commit();
         wg_wait<1>();
-        if (tid == 128) XSTAMP(9, s);
+        if (tid == 0) XSTAMP(9, s);
         if (s > 0) mbar_arrive(empty_s + 8u * ((s - 1) % X_ST));
     }
     wg_wait<0>();
@@ -1839,7 +1878,7 @@ __device__ __forceinline__ void marlin_x_main(
 }
 
 #define MARLIN_X_KERNEL(NAME, QT)                                                                   \
-    extern "C" __global__ void __launch_bounds__(256, 1) NAME(MARLIN_ARGS) {                        \
+    extern "C" __global__ void __launch_bounds__(X_THREADS, 1) NAME(MARLIN_ARGS) {                  \
         marlin_x_main<QT>(w0, w1, w2, o0, o1, o2, N0, N1, N2, t1, t2, t3, A, a_f16, M, K, lda, resid, mode); \
     }
 MARLIN_X_KERNEL(marlin_q4_0_x64, 0)

@@ -105,8 +105,8 @@ def _module():
     opts += () if _env_on("GGFLAT_MARLIN_PAREPI", "1") else ("-DMARLIN_PAR_EPI=0",)
     agate = os.environ.get("GGFLAT_MARLIN_AGATE", "0").strip()          # (experiment) 0 .. 3
     opts += (f"-DMARLIN_AGATE={agate}",) if agate in ("1", "2", "3") else ()
-    if (X_STAGES, X_RAW_STAGES, X_AHEAD) != (4, 4, 2):
-        opts += (f"-DMARLIN_XST={X_STAGES}", f"-DMARLIN_XRS={X_RAW_STAGES}", f"-DMARLIN_XP={X_AHEAD}")
+    if (X_STAGES, X_RAW_STAGES) != (6, 8):
+        opts += (f"-DMARLIN_XST={X_STAGES}", f"-DMARLIN_XRS={X_RAW_STAGES}")
     opts += ("-DMARLIN_XTRACE=1",) if _env_on("GGFLAT_MARLIN_XTRACE", "0") else ()
     return load_module("marlin", opts)
 
@@ -223,12 +223,12 @@ _VARIANTS = {"m1": (16, False, 4, 2, False), "m1_glu": (16, True, 4, 1, False), 
 WG_VARIANTS = ("w16", "w32", "w64", "w16_x", "x64")
 # warpgroups a CTA (marlin.cu MARLIN_WG_TYPE): as many as 64K registers hold without spills
 WG_NWG = {"w16": 4, "w32": 2, "w64": 2, "w16_x": 4, "x64": 2}
-# (experiment) the mixed-input kernel marlin_<type>_x64 (marlin.cu X_ST, X_RS): a producer and a consumer
-# warpgroup, two 64-column tiles a CTA over the whole K, no slabs
-# (GGFLAT_MARLIN_XST / _XRS / _XP: other depths, for measurement runs; XP: the stages A is staged ahead)
-X_STAGES = int(os.environ.get("GGFLAT_MARLIN_XST", "4"))
-X_RAW_STAGES = int(os.environ.get("GGFLAT_MARLIN_XRS", "4"))
-X_AHEAD = int(os.environ.get("GGFLAT_MARLIN_XP", str(X_STAGES - 2)))
+# (experiment) the mixed-input kernel marlin_<type>_x64 (marlin.cu X_ST, X_RS): a loading warp, two
+# dequantizing warpgroups and a consumer warpgroup, two 64-column tiles a CTA over the whole K, no slabs
+# (GGFLAT_MARLIN_XST / _XRS: other depths, for measurement runs)
+X_STAGES = int(os.environ.get("GGFLAT_MARLIN_XST", "6"))
+X_RAW_STAGES = int(os.environ.get("GGFLAT_MARLIN_XRS", "8"))
+X_THREADS = 416                        # three warpgroups (consumer, two dequantizing) and a loading warp
 SWEEP_VARIANTS = tuple(k for k in _VARIANTS if "_s" in k)
 PROBE_VARIANTS = ("d1_probe1", "d1_probe2")    # Q4_0, benchmarks only: arithmetic / A window left out
 CONFIGS = ("d1", "d2", "m1", "m2", "m4")          # the default variants (every type)
@@ -639,7 +639,7 @@ class MarlinPlan:
                 norm_w if self.norm is not None else None, np.float32(self.norm or 0.0),
                 np.int32(0 if self.norm is None else 1)) + kv_args + (np.int32(1 if early and early_enabled() else 0),)
         kern, grid, smem = self._kern, self.grid, self.smem
-        block = (128 * WG_NWG[self.variant] if self.wg else THREADS,)
+        block = (X_THREADS if self.variant == "x64" else 128 * WG_NWG[self.variant] if self.wg else THREADS,)
         if hasattr(kern, "ptr"):            # a driver function: launch with PDL (launch.py)
             from .launch import launcher
             return launcher(kern, grid, block, args, smem, cs, programmatic=True,
