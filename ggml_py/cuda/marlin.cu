@@ -1597,10 +1597,11 @@ MARLIN_WG_KERNEL(marlin_q4_0_w16_x, 0, 16, 4, 8, 2, true)
 // marlin_<type>_x64: out (64 rows x 128 columns: two 64-column tiles) over the whole K in one CTA,
 // warp-specialized (416 threads):
 //  - warp 12 loads: its lane 0 streams the two tiles' layout runs into a raw ring (bulk copies, a
-//    "raw full" mbarrier a stage, up to X_DR stages ahead, a slot reused once its "raw empty"
-//    completes); its 32 lanes stage A's 64 rows x 64 k of a stage (cp.async, 128-byte swizzle; f32
-//    A converted on the way) as soon as the stage's slot is free, and X_L stages later, once those
-//    copies have landed, arrive on the stage's "full" barrier;
+//    "raw full" mbarrier a stage, X_DR stages ahead, a slot reused once its "raw empty" completes);
+//    its 32 lanes stage A's 64 rows x 64 k of a stage (cp.async, 128-byte swizzle) as soon as the
+//    stage's slot is free, each lane's copies arriving on the stage's "full" barrier when they land
+//    (cp.async.mbarrier.arrive.noinc: the warp never waits for them; f32 A is loaded, converted and
+//    stored by the lanes, which then arrive);
 //  - warpgroups 1 and 2 dequantize, alternate stages: a stage's raw runs into a K-major f16 B tile
 //    (128 columns x 64 k, 128-byte swizzle, written with stmatrix from the mma fragments
 //    dequant_word yields), then arrive on "raw empty" and "full";
@@ -1617,8 +1618,8 @@ MARLIN_WG_KERNEL(marlin_q4_0_w16_x, 0, 16, 4, 8, 2, true)
 #endif
 constexpr int X_ST = MARLIN_XST;                   // stages of the A/B ring (64 k each)
 constexpr int X_RS = MARLIN_XRS;                   // stages of the raw (layout) ring
-constexpr int X_L = X_ST - 2;                      // A's copies get X_L stages to land (at most X_ST - 2)
-constexpr int X_DR = X_RS + X_ST - 2 - X_L;        // the raw ring's lead (X_DR + X_L <= X_RS + X_ST - 2)
+constexpr int X_DR = X_RS - 2;                     // the raw ring's lead: the loader waits for the dequant of
+                                                   // stage s - 2 (not s: that would hold A of stage s back)
 constexpr int X_THREADS = 416;
 constexpr int X_AB = 64 * 128;                     // bytes of an A stage (64 rows x 64 k f16)
 constexpr int X_BB = 128 * 128;                    // bytes of a B stage (128 columns x 64 k f16)
@@ -1672,7 +1673,7 @@ __device__ __forceinline__ void marlin_x_main(
         const void* __restrict__ Av, int a_f16, int M, int K, int lda, const float* resid, int mode) {
 #ifdef MARLIN_HAVE_WGMMA
     using R = XRaw<QT>;
-    static_assert(X_L >= 1 && X_L <= X_ST - 2 && X_DR >= 1 && X_DR <= X_RS, "x64: ring depths");
+    static_assert(X_ST >= 2 && X_DR >= 1, "x64: ring depths");
     const int tid = threadIdx.x, lane = tid & 31;
     const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0), wl = warp & 3, wg = warp >> 2;
     const int G = K / 32, n_st = G / 2;            // (the host makes G even)
@@ -1767,6 +1768,8 @@ __device__ __forceinline__ void marlin_x_main(
                     cp_async16_zfill(dst + (u32)(i * 4 * 128) + ((i & 1) ? dhi : dlo),
                                      ok ? (const void*)(A + (i64)i * 4 * lda) : Av, ok);
                 }
+                asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n"
+                             :: "r"(full_s + 8u * (s % X_ST)) : "memory");
             } else {
                 const float* A = reinterpret_cast<const float*>(Av) + abase + s * 64;
 #pragma unroll 4
@@ -1782,17 +1785,11 @@ __device__ __forceinline__ void marlin_x_main(
                                     "r"(h2u(__floats2half2_rn(f1.x, f1.y))), "r"(h2u(__floats2half2_rn(f1.z, f1.w)))
                                  : "memory");
                 }
-            }
-            cp_commit();
-            if (s >= X_L) {                        // stage s - X_L's A has landed: to the tensor cores
-                cp_wait<X_L>();
-                asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-                mbar_arrive(full_s + 8u * ((s - X_L) % X_ST));
+                asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");   // to the tensor cores
+                mbar_arrive(full_s + 8u * (s % X_ST));
             }
         }
-        cp_wait<0>();
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        for (int s = max(n_st - X_L, 0); s < n_st; ++s) mbar_arrive(full_s + 8u * (s % X_ST));
+        cp_wait<0>();                              // (the CTA's shared memory outlives the copies)
         return;
     }
     PDL_TRIGGER();
@@ -1851,6 +1848,9 @@ __device__ __forceinline__ void marlin_x_main(
         if (tid == 0) XSTAMP(7, s);
         mbar_wait(full_s + 8u * slot, (s / X_ST) & 1);
         if (tid == 0) XSTAMP(8, s);
+        // A came by cp.async (the generic proxy) from the loading warp, which does not wait for it:
+        // this thread orders it before its wgmma's reads (the async proxy)
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         const unsigned long long da = wg_desc(sA + (u32)(slot * X_AB), 16, 1024) | ((unsigned long long)SW << 32);
         const unsigned long long db = wg_desc(sB + (u32)(slot * X_BB), 16, 1024) | ((unsigned long long)SW << 32);
         wg_fence();
