@@ -51,7 +51,7 @@ typedef long long i64;
 #define MARLIN_TRACE 0
 #endif
 #ifndef MARLIN_AGATE
-#define MARLIN_AGATE 0
+#define MARLIN_AGATE 1
 #endif
 #ifndef MARLIN_PAR_EPI
 #define MARLIN_PAR_EPI 1                           // marlin_store_elementwise (0: one warp a tile, for A/B runs)
@@ -964,10 +964,12 @@ __device__ __forceinline__ void marlin_dec_main(
     if (threadIdx.x == 0) *reinterpret_cast<uint4*>(sZero) = make_uint4(0, 0, 0, 0);
     if ((int)threadIdx.x < items && PROBE != 2) stage_a(threadIdx.x);
     TRACE_T(tra0);
-    // (experiment) MARLIN_AGATE: the weight stages after the first wait until every A item of the CTA
-    // has landed, so that A's loads (hits in L2) do not queue behind the grid's burst of weight misses
-    // (1: launches that rope, i.e. q/k/v; 2: every launch; 3: every launch, and no weights at all before
-    // then -- o starts only ~0.6 us before its wait, so its stage 0 lands in the same burst)
+    // MARLIN_AGATE: the weight stages after the first wait until every A item of the CTA has landed,
+    // so that A's loads (hits in L2) do not queue behind the grid's burst of weight misses. 1 (the
+    // default): launches that rope, i.e. q/k/v -- their last warp ready 0.6 us sooner, tg128 +2%
+    // over five interleaved pairs in three calls (session 9); 2: every launch; 3: every launch, and no
+    // weights at all before then (o starts ~0.6 us before its wait, so its stage 0 lands in the same
+    // burst): 3 measured worse (359.9 against 375.5 t/s); 0: none, for A/B runs
     if (MARLIN_AGATE >= 2 || (MARLIN_AGATE == 1 && rope_mask)) __syncthreads();
     if (MARLIN_AGATE == 3) issue(0, 0);
 #pragma unroll
@@ -1595,13 +1597,13 @@ MARLIN_WG_KERNEL(marlin_q4_0_w16_x, 0, 16, 4, 8, 2, true)
 
 // -- the mixed-input kernel (sm_90a, 17..64 rows; experiment) ------------------------------------
 // marlin_<type>_x64: out (64 rows x 128 columns: two 64-column tiles) over the whole K in one CTA,
-// warp-specialized (416 threads):
-//  - warp 12 loads: its lane 0 streams the two tiles' layout runs into a raw ring (bulk copies, a
-//    "raw full" mbarrier a stage, X_DR stages ahead, a slot reused once its "raw empty" completes);
-//    its 32 lanes stage A's 64 rows x 64 k of a stage (cp.async, 128-byte swizzle) as soon as the
+// warp-specialized (544 threads):
+//  - warp 16's lane 0 streams the two tiles' layout runs into a raw ring (bulk copies, a "raw
+//    full" mbarrier a stage, X_DR stages ahead, a slot reused once its "raw empty" completes);
+//  - warpgroup 3 stages A's 64 rows x 64 k of a stage (cp.async, 128-byte swizzle) as soon as the
 //    stage's slot is free, each lane's copies arriving on the stage's "full" barrier when they land
-//    (cp.async.mbarrier.arrive.noinc: the warp never waits for them; f32 A is loaded, converted and
-//    stored by the lanes, which then arrive);
+//    (cp.async.mbarrier.arrive.noinc: the warps never wait for them; f32 A is loaded, converted and
+//    stored by the lanes, which then arrive). One warp doing all of A issued 1 us a stage;
 //  - warpgroups 1 and 2 dequantize, alternate stages: a stage's raw runs into a K-major f16 B tile
 //    (128 columns x 64 k, 128-byte swizzle, written with stmatrix from the mma fragments
 //    dequant_word yields), then arrive on "raw empty" and "full";
@@ -1620,7 +1622,7 @@ constexpr int X_ST = MARLIN_XST;                   // stages of the A/B ring (64
 constexpr int X_RS = MARLIN_XRS;                   // stages of the raw (layout) ring
 constexpr int X_DR = X_RS - 2;                     // the raw ring's lead: the loader waits for the dequant of
                                                    // stage s - 2 (not s: that would hold A of stage s back)
-constexpr int X_THREADS = 416;
+constexpr int X_THREADS = 544;
 constexpr int X_AB = 64 * 128;                     // bytes of an A stage (64 rows x 64 k f16)
 constexpr int X_BB = 128 * 128;                    // bytes of a B stage (128 columns x 64 k f16)
 template <int QT> struct XRaw {                    // a tile's layout runs of one stage (two groups)
@@ -1701,10 +1703,9 @@ __device__ __forceinline__ void marlin_x_main(
         tr[u] = tile_ref(tok[u] ? tb + u : tb, t1, t2, N0, N1, N2, w0, w1, w2);
     }
 
-    if (warp == 12) {
-        // ---- the loading warp ----
-        // lane 0: stage s's runs of both tiles into raw slot s % X_RS (the runs of a stage are
-        // contiguous in the layout: a stage further is a fixed step)
+    if (warp == 16) {
+        // ---- the raw warp: its lane 0 streams stage s's runs of both tiles into raw slot s % X_RS
+        // (a stage's runs are contiguous in the layout: the next stage is a fixed step further)
         const u8 *rc[2], *rg[2], *rsc[2];
 #pragma unroll
         for (int u = 0; u < 2; ++u) {
@@ -1729,7 +1730,7 @@ __device__ __forceinline__ void marlin_x_main(
         if (lane == 0) {
 #pragma unroll
             for (int i = 0; i < X_ST; ++i) {
-                mbar_init(full_s + 8u * i, 128 + 32);   // a dequantizing warpgroup + this warp's lanes
+                mbar_init(full_s + 8u * i, 128 + 128);  // a dequantizing warpgroup + the A warpgroup
                 mbar_init(empty_s + 8u * i, 128);
             }
 #pragma unroll
@@ -1743,48 +1744,58 @@ __device__ __forceinline__ void marlin_x_main(
         }
         PDL_TRIGGER();
         __syncthreads();                           // the barriers' initialisation, to every thread
-        asm volatile("griddepcontrol.wait;\n" ::: "memory");
-        // lane's A chunks: column chunk q = lane & 7, rows lane / 8 + 4 i (i < 16)
-        const int q = lane & 7, r0 = lane >> 3;
+        if (lane == 0) {
+            for (int s = X_DR; s < n_st; ++s) {    // into the slot stage s - X_RS held, once it is read
+                if (s >= X_RS) mbar_wait(rempty_s + 8u * (s % X_RS), ((s / X_RS) + 1) & 1);
+                issue_raw(s);
+            }
+        }
+        return;
+    }
+    PDL_TRIGGER();
+    __syncthreads();
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+
+    if (wg == 3) {
+        // ---- the A warpgroup: a stage's 64 rows x 64 k as 512 16-byte chunks, 4 a lane: column
+        // chunk q = lane & 7, rows lane / 8 + 4 wl + 16 i (i < 4), so the swizzle's row term is fixed
+        const int q = lane & 7, r0 = (lane >> 3) + 4 * wl;
         u32 valid = 0;
 #pragma unroll
-        for (int i = 0; i < 16; ++i) valid |= (r0 + 4 * i < rows ? 1u : 0u) << i;
-        const u32 dlo = (u32)(r0 * 128 + ((q ^ r0) << 4)), dhi = (u32)(r0 * 128 + ((q ^ (r0 + 4)) << 4));
+        for (int i = 0; i < 4; ++i) valid |= (r0 + 16 * i < rows ? 1u : 0u) << i;
+        const u32 doff = (u32)(r0 * 128 + ((q ^ (r0 & 7)) << 4));
         const i64 abase = (i64)(m0 + r0) * lda + q * 8;
         for (int s = 0; s < n_st; ++s) {
-            const int sr = s + X_DR;               // raw of stage sr into the slot stage sr - X_RS held
-            if (lane == 0 && sr < n_st) {
-                if (sr >= X_RS) mbar_wait(rempty_s + 8u * (sr % X_RS), ((sr / X_RS) + 1) & 1);
-                issue_raw(sr);
-            }
             if (s >= X_ST) mbar_wait(empty_s + 8u * (s % X_ST), ((s / X_ST) + 1) & 1);
-            if (lane == 0) XSTAMP(0, s);
-            const u32 dst = sA + (u32)((s % X_ST) * X_AB);
+            if (tid == 384) XSTAMP(0, s);
+            const u32 dst = sA + (u32)((s % X_ST) * X_AB) + doff;
             if (a_f16) {
                 const half* A = reinterpret_cast<const half*>(Av) + abase + s * 64;
 #pragma unroll
-                for (int i = 0; i < 16; ++i) {
+                for (int i = 0; i < 4; ++i) {
                     const bool ok = (valid >> i) & 1u;
-                    cp_async16_zfill(dst + (u32)(i * 4 * 128) + ((i & 1) ? dhi : dlo),
-                                     ok ? (const void*)(A + (i64)i * 4 * lda) : Av, ok);
+                    cp_async16_zfill(dst + (u32)(i * 16 * 128), ok ? (const void*)(A + (i64)i * 16 * lda) : Av, ok);
                 }
                 asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n"
                              :: "r"(full_s + 8u * (s % X_ST)) : "memory");
             } else {
                 const float* A = reinterpret_cast<const float*>(Av) + abase + s * 64;
-#pragma unroll 4
-                for (int i = 0; i < 16; ++i) {
-                    float4 f0 = make_float4(0.f, 0.f, 0.f, 0.f), f1 = f0;
+                float4 f[4][2];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    f[i][0] = f[i][1] = make_float4(0.f, 0.f, 0.f, 0.f);
                     if ((valid >> i) & 1u) {
-                        const float4* src = reinterpret_cast<const float4*>(A + (i64)i * 4 * lda);
-                        f0 = src[0]; f1 = src[1];
+                        const float4* src = reinterpret_cast<const float4*>(A + (i64)i * 16 * lda);
+                        f[i][0] = src[0]; f[i][1] = src[1];
                     }
-                    asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n"
-                                 :: "r"(dst + (u32)(i * 4 * 128) + ((i & 1) ? dhi : dlo)),
-                                    "r"(h2u(__floats2half2_rn(f0.x, f0.y))), "r"(h2u(__floats2half2_rn(f0.z, f0.w))),
-                                    "r"(h2u(__floats2half2_rn(f1.x, f1.y))), "r"(h2u(__floats2half2_rn(f1.z, f1.w)))
-                                 : "memory");
                 }
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+                    asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n"
+                                 :: "r"(dst + (u32)(i * 16 * 128)),
+                                    "r"(h2u(__floats2half2_rn(f[i][0].x, f[i][0].y))), "r"(h2u(__floats2half2_rn(f[i][0].z, f[i][0].w))),
+                                    "r"(h2u(__floats2half2_rn(f[i][1].x, f[i][1].y))), "r"(h2u(__floats2half2_rn(f[i][1].z, f[i][1].w)))
+                                 : "memory");
                 asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");   // to the tensor cores
                 mbar_arrive(full_s + 8u * (s % X_ST));
             }
@@ -1792,9 +1803,6 @@ __device__ __forceinline__ void marlin_x_main(
         cp_wait<0>();                              // (the CTA's shared memory outlives the copies)
         return;
     }
-    PDL_TRIGGER();
-    __syncthreads();
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");
 
     if (wg >= 1) {
         // ---- the dequantizing warpgroups: wg 1 the even stages, wg 2 the odd ones ----

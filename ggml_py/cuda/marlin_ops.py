@@ -103,8 +103,9 @@ def _module():
     opts += ("-DMARLIN_TRACE=1",) if trace_enabled() else ()
     # GGFLAT_MARLIN_PAREPI=0: the one-warp-a-tile store epilogue of before, for A/B runs
     opts += () if _env_on("GGFLAT_MARLIN_PAREPI", "1") else ("-DMARLIN_PAR_EPI=0",)
-    agate = os.environ.get("GGFLAT_MARLIN_AGATE", "0").strip()          # (experiment) 0 .. 3
-    opts += (f"-DMARLIN_AGATE={agate}",) if agate in ("1", "2", "3") else ()
+    # GGFLAT_MARLIN_AGATE=0|2|3: other gates of the decode kernel's weight stages (marlin.cu), for A/B runs
+    agate = os.environ.get("GGFLAT_MARLIN_AGATE", "1").strip()
+    opts += (f"-DMARLIN_AGATE={agate}",) if agate in ("0", "2", "3") else ()
     if (X_STAGES, X_RAW_STAGES) != (6, 8):
         opts += (f"-DMARLIN_XST={X_STAGES}", f"-DMARLIN_XRS={X_RAW_STAGES}")
     opts += ("-DMARLIN_XTRACE=1",) if _env_on("GGFLAT_MARLIN_XTRACE", "0") else ()
@@ -223,12 +224,12 @@ _VARIANTS = {"m1": (16, False, 4, 2, False), "m1_glu": (16, True, 4, 1, False), 
 WG_VARIANTS = ("w16", "w32", "w64", "w16_x", "x64")
 # warpgroups a CTA (marlin.cu MARLIN_WG_TYPE): as many as 64K registers hold without spills
 WG_NWG = {"w16": 4, "w32": 2, "w64": 2, "w16_x": 4, "x64": 2}
-# (experiment) the mixed-input kernel marlin_<type>_x64 (marlin.cu X_ST, X_RS): a loading warp, two
-# dequantizing warpgroups and a consumer warpgroup, two 64-column tiles a CTA over the whole K, no slabs
+# (experiment) the mixed-input kernel marlin_<type>_x64 (marlin.cu X_ST, X_RS): a raw-loading warp, an
+# A warpgroup, two dequantizing warpgroups and a consumer warpgroup, two 64-column tiles a CTA over the whole K, no slabs
 # (GGFLAT_MARLIN_XST / _XRS: other depths, for measurement runs)
 X_STAGES = int(os.environ.get("GGFLAT_MARLIN_XST", "6"))
 X_RAW_STAGES = int(os.environ.get("GGFLAT_MARLIN_XRS", "8"))
-X_THREADS = 416                        # three warpgroups (consumer, two dequantizing) and a loading warp
+X_THREADS = 544                        # warpgroups: consumer, two dequantizing, A; and a raw-loading warp
 SWEEP_VARIANTS = tuple(k for k in _VARIANTS if "_s" in k)
 PROBE_VARIANTS = ("d1_probe1", "d1_probe2")    # Q4_0, benchmarks only: arithmetic / A window left out
 CONFIGS = ("d1", "d2", "m1", "m2", "m4")          # the default variants (every type)
