@@ -162,6 +162,11 @@ def test_warpgroup_choice(monkeypatch):
     assert mo._wg_choice(224, G, 64, 2) is None                           # 4096 x 14336: m2
     assert mo._wg_choice(64, 14336 // 32, 64, 2) is None                  # 14336 x 4096: m2
     assert mo._wg_choice(64, 3, 64, 2) is None                            # K = 96: not whole stages
+    # the mixed-input kernel, f16 A: where its 128-column CTAs fill the GPU (4096 x 14336: 112 CTAs)
+    assert mo._wg_choice(224, G, 64, 2, "f16") == "x64" and mo._wg_choice(224, G, 17, 12, "f16") == "x64"
+    assert mo._wg_choice(64, G, 64, 2, "f16") == "w64"                   # 4096 x 4096: 32 CTAs
+    assert mo._wg_choice(224, G, 16, 2, "f16") is None
+    assert mo._wg_choice(224, G, 64, 2, "f32") is None
     monkeypatch.setenv("GGFLAT_MARLIN_WG", "0")
     assert mo._wg_choice(64, G, 64, 2) is None
 

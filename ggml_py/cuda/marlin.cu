@@ -1730,13 +1730,16 @@ __device__ __forceinline__ void marlin_x_main(
         if (lane == 0) {
 #pragma unroll
             for (int i = 0; i < X_ST; ++i) {
-                mbar_init(full_s + 8u * i, 128 + 128);  // a dequantizing warpgroup + the A warpgroup
-                mbar_init(empty_s + 8u * i, 128);
+                // full: a dequantizing warpgroup's 4 warps + the A warpgroup's 128 lanes; empty: the
+                // consumer's 4 warps (one arrive a warp where it can be: with every thread arriving,
+                // 512 arrives a stage went to these barriers)
+                mbar_init(full_s + 8u * i, 4 + 128);
+                mbar_init(empty_s + 8u * i, 4);
             }
 #pragma unroll
             for (int i = 0; i < X_RS; ++i) {
                 mbar_init(rfull_s + 8u * i, 1);
-                mbar_init(rempty_s + 8u * i, 128);
+                mbar_init(rempty_s + 8u * i, 4);
             }
             asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
             asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
@@ -1825,7 +1828,8 @@ __device__ __forceinline__ void marlin_x_main(
                 sc[w][0] = sc[w][1] = sc[w][2] = sc[w][3] = __float2half2_rn(0.0f);
                 if (tok[u]) wg_scales<QT>(st + R::CB + q * R::SCB, st + R::CB + R::SB, lane, w, sc[w][0], sc[w][1], sc[w][2], sc[w][3]);
             }
-            mbar_arrive(rempty_s + 8u * (s % X_RS));   // the raw slot is read (into registers)
+            __syncwarp();
+            if (lane == 0) mbar_arrive(rempty_s + 8u * (s % X_RS));   // the warp has read the raw slot
 #pragma unroll
             for (int ks = 0; ks < 2; ++ks) {
                 const u32 words[4] = {wv[ks].x, wv[ks].y, wv[ks].z, wv[ks].w};
@@ -1842,7 +1846,8 @@ __device__ __forceinline__ void marlin_x_main(
             }
             if ((tid & 127) == 0) XSTAMP(3, s);
             asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");   // B, to the tensor cores
-            mbar_arrive(full_s + 8u * (s % X_ST));
+            __syncwarp();
+            if (lane == 0) mbar_arrive(full_s + 8u * (s % X_ST));
         }
         return;
     }
@@ -1867,7 +1872,8 @@ __device__ __forceinline__ void marlin_x_main(
         wg_commit();
         wg_wait<1>();
         if (tid == 0) XSTAMP(9, s);
-        if (s > 0) mbar_arrive(empty_s + 8u * ((s - 1) % X_ST));
+        __syncwarp();
+        if (s > 0 && lane == 0) mbar_arrive(empty_s + 8u * ((s - 1) % X_ST));
     }
     wg_wait<0>();
     // D fragment: row 16 wl + lane / 4 + 8 ((i / 2) % 2), column 8 (i / 4) + 2 (lane % 4) + i % 2

@@ -229,6 +229,7 @@ WG_NWG = {"w16": 4, "w32": 2, "w64": 2, "w16_x": 4, "x64": 2}
 # (GGFLAT_MARLIN_XST / _XRS: other depths, for measurement runs)
 X_STAGES = int(os.environ.get("GGFLAT_MARLIN_XST", "6"))
 X_RAW_STAGES = int(os.environ.get("GGFLAT_MARLIN_XRS", "8"))
+X_MIN_CTAS = 0.75                      # (of the SMs) the fewest CTAs for which the plan picks x64
 X_THREADS = 544                        # warpgroups: consumer, two dequantizing, A; and a raw-loading warp
 SWEEP_VARIANTS = tuple(k for k in _VARIANTS if "_s" in k)
 PROBE_VARIANTS = ("d1_probe1", "d1_probe2")    # Q4_0, benchmarks only: arithmetic / A window left out
@@ -340,7 +341,7 @@ def choose_split_wg(tiles: int, m_tiles: int, groups: int, variant: str, sms: in
     return min(tpc, tiles), s
 
 
-def _wg_choice(tiles: int, groups: int, M: int, ggml_type: int) -> str | None:
+def _wg_choice(tiles: int, groups: int, M: int, ggml_type: int, a_dtype: str = "f32") -> str | None:
     """The warpgroup kernel for 17..64 rows where it measured faster than m2: when its split leaves
     every warpgroup at most one tile (a warpgroup that streams several tiles pays each one's drain,
     partials and ticket in series). H100, Q4_0, f16 A, us (m2 against w32/w64, 2026-11-24): 4096 x 4096
@@ -349,6 +350,10 @@ def _wg_choice(tiles: int, groups: int, M: int, ggml_type: int) -> str | None:
     22.0 / 22.8 / 23.7); 4096 x 14336 and 14336 x 4096 up to 15% slower: those stay on m2."""
     if not 16 < M <= 64 or not wg_enabled() or not wg_available():
         return None
+    # the mixed-input kernel (x64: whole K a CTA, no k-split yet) where its 128-column CTAs fill the
+    # GPU, f16 A only (its f32 path loads and converts A in line: not yet fast)
+    if a_dtype == "f16" and groups % 2 == 0 and -(-tiles // 2) >= X_MIN_CTAS * sm_count():
+        return "x64"
     variant = "w32" if M <= 32 else "w64"
     if groups % _VARIANTS[variant][3]:
         return None
@@ -494,7 +499,7 @@ class MarlinPlan:
                 raise ValueError(f"no Marlin kernel for config {config!r}{', glu' if glu else ''}")
         if config is None and slabs is None and kws is None and glu is None and norm is None and rope is None:
             nt = sum(-(-w.rows // 64) for w in ws)
-            variant = _wg_choice(nt, K // 32, self.M, t) or variant
+            variant = _wg_choice(nt, K // 32, self.M, t, a_dtype) or variant
         tile_rows, _, _, _, self.dec = _VARIANTS[variant]
         if (norm is not None or rope is not None) and not self.dec:
             raise ValueError("plan_gemm: the rms_norm and rope folds exist in the decode kernels (M <= 16) only")
