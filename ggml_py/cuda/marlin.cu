@@ -1618,6 +1618,12 @@ MARLIN_WG_KERNEL(marlin_q4_0_w16_x, 0, 16, 4, 8, 2, true)
 #ifndef MARLIN_XRS
 #define MARLIN_XRS 8
 #endif
+#ifndef MARLIN_XW
+#define MARLIN_XW 1                                // wgmma groups the consumer leaves in flight
+#endif
+#ifndef MARLIN_XC2
+#define MARLIN_XC2 0                               // 1: two consumer warpgroups, a 64-column tile each
+#endif
 constexpr int X_ST = MARLIN_XST;                   // stages of the A/B ring (64 k each)
 constexpr int X_RS = MARLIN_XRS;                   // stages of the raw (layout) ring
 constexpr int X_DR = X_RS - 2;                     // the raw ring's lead: the loader waits for the dequant of
@@ -1668,6 +1674,20 @@ __device__ __forceinline__ void wgmma_ss_128(float* d, unsigned long long a, uns
 #endif
 }
 
+// d (32 f32) [+]= A x B, m64n64k16 (MARLIN_XC2: a consumer warpgroup a 64-column tile)
+__device__ __forceinline__ void wgmma_ss_64(float* d, unsigned long long a, unsigned long long b, int acc) {
+#ifdef MARLIN_HAVE_WGMMA
+#define XD8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
+               "+f"(d[i + 6]), "+f"(d[i + 7])
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,"
+                 "%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+                 : XD8(0), XD8(8), XD8(16), XD8(24)
+                 : "l"(a), "l"(b), "r"(acc));
+#undef XD8
+#endif
+}
+
 template <int QT>
 __device__ __forceinline__ void marlin_x_main(
         const u8* __restrict__ w0, const u8* __restrict__ w1, const u8* __restrict__ w2,
@@ -1703,6 +1723,49 @@ __device__ __forceinline__ void marlin_x_main(
         tr[u] = tile_ref(tok[u] ? tb + u : tb, t1, t2, N0, N1, N2, w0, w1, w2);
     }
 
+    // A of stage s by warpgroup `wl`'s 4 warps: 64 rows x 64 k as 512 16-byte chunks, 4 a lane (column
+    // chunk q = lane & 7, rows lane / 8 + 4 wl + 16 i, i < 4: the swizzle's row term is fixed); f16
+    // by cp.async, each lane's copies arriving on full(s) when they land; f32 loaded and converted
+    const int aq = lane & 7, ar0 = (lane >> 3) + 4 * wl;
+    u32 avalid = 0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) avalid |= (ar0 + 16 * i < rows ? 1u : 0u) << i;
+    const u32 adoff = (u32)(ar0 * 128 + ((aq ^ (ar0 & 7)) << 4));
+    const i64 abase = (i64)(m0 + ar0) * lda + aq * 8;
+    auto stage_a = [&](int s) {
+        const u32 dst = sA + (u32)((s % X_ST) * X_AB) + adoff;
+        if (a_f16) {
+            const half* A = reinterpret_cast<const half*>(Av) + abase + s * 64;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const bool ok = (avalid >> i) & 1u;
+                cp_async16_zfill(dst + (u32)(i * 16 * 128), ok ? (const void*)(A + (i64)i * 16 * lda) : Av, ok);
+            }
+            asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n"
+                         :: "r"(full_s + 8u * (s % X_ST)) : "memory");
+        } else {
+            const float* A = reinterpret_cast<const float*>(Av) + abase + s * 64;
+            float4 f[4][2];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                f[i][0] = f[i][1] = make_float4(0.f, 0.f, 0.f, 0.f);
+                if ((avalid >> i) & 1u) {
+                    const float4* src = reinterpret_cast<const float4*>(A + (i64)i * 16 * lda);
+                    f[i][0] = src[0]; f[i][1] = src[1];
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+                asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n"
+                             :: "r"(dst + (u32)(i * 16 * 128)),
+                                "r"(h2u(__floats2half2_rn(f[i][0].x, f[i][0].y))), "r"(h2u(__floats2half2_rn(f[i][0].z, f[i][0].w))),
+                                "r"(h2u(__floats2half2_rn(f[i][1].x, f[i][1].y))), "r"(h2u(__floats2half2_rn(f[i][1].z, f[i][1].w)))
+                             : "memory");
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");   // to the tensor cores
+            mbar_arrive(full_s + 8u * (s % X_ST));
+        }
+    };
+
     if (warp == 16) {
         // ---- the raw warp: its lane 0 streams stage s's runs of both tiles into raw slot s % X_RS
         // (a stage's runs are contiguous in the layout: the next stage is a fixed step further)
@@ -1734,7 +1797,7 @@ __device__ __forceinline__ void marlin_x_main(
                 // consumer's 4 warps (one arrive a warp where it can be: with every thread arriving,
                 // 512 arrives a stage went to these barriers)
                 mbar_init(full_s + 8u * i, 4 + 128);
-                mbar_init(empty_s + 8u * i, 4);
+                mbar_init(empty_s + 8u * i, MARLIN_XC2 ? 8 : 4);
             }
 #pragma unroll
             for (int i = 0; i < X_RS; ++i) {
@@ -1759,60 +1822,25 @@ __device__ __forceinline__ void marlin_x_main(
     __syncthreads();
     asm volatile("griddepcontrol.wait;\n" ::: "memory");
 
-    if (wg == 3) {
-        // ---- the A warpgroup: a stage's 64 rows x 64 k as 512 16-byte chunks, 4 a lane: column
-        // chunk q = lane & 7, rows lane / 8 + 4 wl + 16 i (i < 4), so the swizzle's row term is fixed
-        const int q = lane & 7, r0 = (lane >> 3) + 4 * wl;
-        u32 valid = 0;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) valid |= (r0 + 16 * i < rows ? 1u : 0u) << i;
-        const u32 doff = (u32)(r0 * 128 + ((q ^ (r0 & 7)) << 4));
-        const i64 abase = (i64)(m0 + r0) * lda + q * 8;
+    if (wg == 3 && !MARLIN_XC2) {
+        // ---- the A warpgroup ----
         for (int s = 0; s < n_st; ++s) {
             if (s >= X_ST) mbar_wait(empty_s + 8u * (s % X_ST), ((s / X_ST) + 1) & 1);
             if (tid == 384) XSTAMP(0, s);
-            const u32 dst = sA + (u32)((s % X_ST) * X_AB) + doff;
-            if (a_f16) {
-                const half* A = reinterpret_cast<const half*>(Av) + abase + s * 64;
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const bool ok = (valid >> i) & 1u;
-                    cp_async16_zfill(dst + (u32)(i * 16 * 128), ok ? (const void*)(A + (i64)i * 16 * lda) : Av, ok);
-                }
-                asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n"
-                             :: "r"(full_s + 8u * (s % X_ST)) : "memory");
-            } else {
-                const float* A = reinterpret_cast<const float*>(Av) + abase + s * 64;
-                float4 f[4][2];
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    f[i][0] = f[i][1] = make_float4(0.f, 0.f, 0.f, 0.f);
-                    if ((valid >> i) & 1u) {
-                        const float4* src = reinterpret_cast<const float4*>(A + (i64)i * 16 * lda);
-                        f[i][0] = src[0]; f[i][1] = src[1];
-                    }
-                }
-#pragma unroll
-                for (int i = 0; i < 4; ++i)
-                    asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n"
-                                 :: "r"(dst + (u32)(i * 16 * 128)),
-                                    "r"(h2u(__floats2half2_rn(f[i][0].x, f[i][0].y))), "r"(h2u(__floats2half2_rn(f[i][0].z, f[i][0].w))),
-                                    "r"(h2u(__floats2half2_rn(f[i][1].x, f[i][1].y))), "r"(h2u(__floats2half2_rn(f[i][1].z, f[i][1].w)))
-                                 : "memory");
-                asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");   // to the tensor cores
-                mbar_arrive(full_s + 8u * (s % X_ST));
-            }
+            stage_a(s);
         }
         cp_wait<0>();                              // (the CTA's shared memory outlives the copies)
         return;
     }
 
-    if (wg >= 1) {
-        // ---- the dequantizing warpgroups: wg 1 the even stages, wg 2 the odd ones ----
+    if (wg == 1 || wg == 2) {
+        // ---- the dequantizing warpgroups: wg 1 the even stages, wg 2 the odd ones (MARLIN_XC2: they
+        // stage the stage's A too) ----
         const int u = wl >> 1, q = wl & 1;         // this warp: tile u, group q of a stage, both k16 steps
         for (int s = wg - 1; s < n_st; s += 2) {
             if (s >= X_ST) mbar_wait(empty_s + 8u * (s % X_ST), ((s / X_ST) + 1) & 1);
             if ((tid & 127) == 0) XSTAMP(1, s);
+            if (MARLIN_XC2) stage_a(s);
             mbar_wait(rfull_s + 8u * (s % X_RS), (s / X_RS) & 1);
             if ((tid & 127) == 0) XSTAMP(2, s);
             const u8* st = raw + (s % X_RS) * 2 * R::BYTES + u * R::BYTES;
@@ -1849,37 +1877,44 @@ __device__ __forceinline__ void marlin_x_main(
             __syncwarp();
             if (lane == 0) mbar_arrive(full_s + 8u * (s % X_ST));
         }
+        if (MARLIN_XC2) cp_wait<0>();
         return;
     }
-    // ---- the consumer ----
-    float acc[64];
+    // ---- the consumer: warpgroup 0 (MARLIN_XC2: 0 and 3, tile cu each) ----
+    constexpr int XN = MARLIN_XC2 ? 64 : 128, NACC = XN / 2;
+    const int cu = wg == 3 ? 1 : 0;
+    float acc[NACC];
 #pragma unroll
-    for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+    for (int i = 0; i < NACC; ++i) acc[i] = 0.0f;
     const u32 SW = 1u << 30;                       // (bit 62 of the descriptor: the 128-byte swizzle)
     for (int s = 0; s < n_st; ++s) {
         const int slot = s % X_ST;
         if (tid == 0) XSTAMP(7, s);
         mbar_wait(full_s + 8u * slot, (s / X_ST) & 1);
         if (tid == 0) XSTAMP(8, s);
-        // A came by cp.async (the generic proxy) from the loading warp, which does not wait for it:
-        // this thread orders it before its wgmma's reads (the async proxy)
+        // A came by cp.async (the generic proxy) from warps that do not wait for it: this thread
+        // orders it before its wgmma's reads (the async proxy)
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         const unsigned long long da = wg_desc(sA + (u32)(slot * X_AB), 16, 1024) | ((unsigned long long)SW << 32);
-        const unsigned long long db = wg_desc(sB + (u32)(slot * X_BB), 16, 1024) | ((unsigned long long)SW << 32);
+        const unsigned long long db = wg_desc(sB + (u32)(slot * X_BB + cu * 64 * 128), 16, 1024) | ((unsigned long long)SW << 32);
         wg_fence();
 #pragma unroll
-        for (int j = 0; j < 4; ++j) wgmma_ss_128(acc, da + 2 * j, db + 2 * j, s != 0 || j != 0);
+        for (int j = 0; j < 4; ++j) {
+            if (MARLIN_XC2) wgmma_ss_64(acc, da + 2 * j, db + 2 * j, s != 0 || j != 0);
+            else wgmma_ss_128(acc, da + 2 * j, db + 2 * j, s != 0 || j != 0);
+        }
         wg_commit();
-        wg_wait<1>();
+        wg_wait<MARLIN_XW>();
         if (tid == 0) XSTAMP(9, s);
         __syncwarp();
-        if (s > 0 && lane == 0) mbar_arrive(empty_s + 8u * ((s - 1) % X_ST));
+        if (s >= MARLIN_XW && lane == 0) mbar_arrive(empty_s + 8u * ((s - MARLIN_XW) % X_ST));
     }
     wg_wait<0>();
     // D fragment: row 16 wl + lane / 4 + 8 ((i / 2) % 2), column 8 (i / 4) + 2 (lane % 4) + i % 2
 #pragma unroll
-    for (int i = 0; i < 64; ++i) {
-        const int row = 16 * wl + (lane >> 2) + 8 * ((i >> 1) & 1), col = 8 * (i >> 2) + 2 * (lane & 3) + (i & 1);
+    for (int i = 0; i < NACC; ++i) {
+        const int row = 16 * wl + (lane >> 2) + 8 * ((i >> 1) & 1);
+        const int col = cu * 64 + 8 * (i >> 2) + 2 * (lane & 3) + (i & 1);
         const int u = col >> 6;
         if (!tok[u] || row >= rows) continue;
         const int n = tr[u].nt * 64 + (col & 63), N = tr[u].N;

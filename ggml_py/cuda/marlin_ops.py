@@ -109,6 +109,11 @@ def _module():
     if (X_STAGES, X_RAW_STAGES) != (6, 8):
         opts += (f"-DMARLIN_XST={X_STAGES}", f"-DMARLIN_XRS={X_RAW_STAGES}")
     opts += ("-DMARLIN_XTRACE=1",) if _env_on("GGFLAT_MARLIN_XTRACE", "0") else ()
+    # (experiment) x64's consumer: GGFLAT_MARLIN_XW=2 leaves two wgmma groups in flight, XC2=1 two
+    # consumer warpgroups of one 64-column tile each
+    for name in ("XW", "XC2"):
+        v = os.environ.get(f"GGFLAT_MARLIN_{name}", "").strip()
+        opts += (f"-DMARLIN_{name}={int(v)}",) if v else ()
     return load_module("marlin", opts)
 
 
