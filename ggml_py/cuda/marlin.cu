@@ -1618,12 +1618,6 @@ MARLIN_WG_KERNEL(marlin_q4_0_w16_x, 0, 16, 4, 8, 2, true)
 #ifndef MARLIN_XRS
 #define MARLIN_XRS 8
 #endif
-#ifndef MARLIN_XW
-#define MARLIN_XW 1                                // wgmma groups the consumer leaves in flight
-#endif
-#ifndef MARLIN_XC2
-#define MARLIN_XC2 0                               // 1: two consumer warpgroups, a 64-column tile each
-#endif
 constexpr int X_ST = MARLIN_XST;                   // stages of the A/B ring (64 k each)
 constexpr int X_RS = MARLIN_XRS;                   // stages of the raw (layout) ring
 constexpr int X_DR = X_RS - 2;                     // the raw ring's lead: the loader waits for the dequant of
@@ -1669,20 +1663,6 @@ __device__ __forceinline__ void wgmma_ss_128(float* d, unsigned long long a, uns
                  "%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,"
                  "%61,%62,%63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
                  : XD8(0), XD8(8), XD8(16), XD8(24), XD8(32), XD8(40), XD8(48), XD8(56)
-                 : "l"(a), "l"(b), "r"(acc));
-#undef XD8
-#endif
-}
-
-// d (32 f32) [+]= A x B, m64n64k16 (MARLIN_XC2: a consumer warpgroup a 64-column tile)
-__device__ __forceinline__ void wgmma_ss_64(float* d, unsigned long long a, unsigned long long b, int acc) {
-#ifdef MARLIN_HAVE_WGMMA
-#define XD8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
-               "+f"(d[i + 6]), "+f"(d[i + 7])
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,"
-                 "%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-                 : XD8(0), XD8(8), XD8(16), XD8(24)
                  : "l"(a), "l"(b), "r"(acc));
 #undef XD8
 #endif
@@ -1797,7 +1777,7 @@ __device__ __forceinline__ void marlin_x_main(
                 // consumer's 4 warps (one arrive a warp where it can be: with every thread arriving,
                 // 512 arrives a stage went to these barriers)
                 mbar_init(full_s + 8u * i, 4 + 128);
-                mbar_init(empty_s + 8u * i, MARLIN_XC2 ? 8 : 4);
+                mbar_init(empty_s + 8u * i, 4);
             }
 #pragma unroll
             for (int i = 0; i < X_RS; ++i) {
@@ -1822,7 +1802,7 @@ __device__ __forceinline__ void marlin_x_main(
     __syncthreads();
     asm volatile("griddepcontrol.wait;\n" ::: "memory");
 
-    if (wg == 3 && !MARLIN_XC2) {
+    if (wg == 3) {
         // ---- the A warpgroup ----
         for (int s = 0; s < n_st; ++s) {
             if (s >= X_ST) mbar_wait(empty_s + 8u * (s % X_ST), ((s / X_ST) + 1) & 1);
@@ -1834,13 +1814,11 @@ __device__ __forceinline__ void marlin_x_main(
     }
 
     if (wg == 1 || wg == 2) {
-        // ---- the dequantizing warpgroups: wg 1 the even stages, wg 2 the odd ones (MARLIN_XC2: they
-        // stage the stage's A too) ----
+        // ---- the dequantizing warpgroups: wg 1 the even stages, wg 2 the odd ones ----
         const int u = wl >> 1, q = wl & 1;         // this warp: tile u, group q of a stage, both k16 steps
         for (int s = wg - 1; s < n_st; s += 2) {
             if (s >= X_ST) mbar_wait(empty_s + 8u * (s % X_ST), ((s / X_ST) + 1) & 1);
             if ((tid & 127) == 0) XSTAMP(1, s);
-            if (MARLIN_XC2) stage_a(s);
             mbar_wait(rfull_s + 8u * (s % X_RS), (s / X_RS) & 1);
             if ((tid & 127) == 0) XSTAMP(2, s);
             const u8* st = raw + (s % X_RS) * 2 * R::BYTES + u * R::BYTES;
@@ -1877,15 +1855,12 @@ __device__ __forceinline__ void marlin_x_main(
             __syncwarp();
             if (lane == 0) mbar_arrive(full_s + 8u * (s % X_ST));
         }
-        if (MARLIN_XC2) cp_wait<0>();
         return;
     }
-    // ---- the consumer: warpgroup 0 (MARLIN_XC2: 0 and 3, tile cu each) ----
-    constexpr int XN = MARLIN_XC2 ? 64 : 128, NACC = XN / 2;
-    const int cu = wg == 3 ? 1 : 0;
-    float acc[NACC];
+    // ---- the consumer: warpgroup 0 ----
+    float acc[64];
 #pragma unroll
-    for (int i = 0; i < NACC; ++i) acc[i] = 0.0f;
+    for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
     const u32 SW = 1u << 30;                       // (bit 62 of the descriptor: the 128-byte swizzle)
     for (int s = 0; s < n_st; ++s) {
         const int slot = s % X_ST;
@@ -1896,25 +1871,21 @@ __device__ __forceinline__ void marlin_x_main(
         // orders it before its wgmma's reads (the async proxy)
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         const unsigned long long da = wg_desc(sA + (u32)(slot * X_AB), 16, 1024) | ((unsigned long long)SW << 32);
-        const unsigned long long db = wg_desc(sB + (u32)(slot * X_BB + cu * 64 * 128), 16, 1024) | ((unsigned long long)SW << 32);
+        const unsigned long long db = wg_desc(sB + (u32)(slot * X_BB), 16, 1024) | ((unsigned long long)SW << 32);
         wg_fence();
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            if (MARLIN_XC2) wgmma_ss_64(acc, da + 2 * j, db + 2 * j, s != 0 || j != 0);
-            else wgmma_ss_128(acc, da + 2 * j, db + 2 * j, s != 0 || j != 0);
-        }
+        for (int j = 0; j < 4; ++j) wgmma_ss_128(acc, da + 2 * j, db + 2 * j, s != 0 || j != 0);
         wg_commit();
-        wg_wait<MARLIN_XW>();
+        wg_wait<1>();
         if (tid == 0) XSTAMP(9, s);
         __syncwarp();
-        if (s >= MARLIN_XW && lane == 0) mbar_arrive(empty_s + 8u * ((s - MARLIN_XW) % X_ST));
+        if (s > 0 && lane == 0) mbar_arrive(empty_s + 8u * ((s - 1) % X_ST));
     }
     wg_wait<0>();
     // D fragment: row 16 wl + lane / 4 + 8 ((i / 2) % 2), column 8 (i / 4) + 2 (lane % 4) + i % 2
 #pragma unroll
-    for (int i = 0; i < NACC; ++i) {
-        const int row = 16 * wl + (lane >> 2) + 8 * ((i >> 1) & 1);
-        const int col = cu * 64 + 8 * (i >> 2) + 2 * (lane & 3) + (i & 1);
+    for (int i = 0; i < 64; ++i) {
+        const int row = 16 * wl + (lane >> 2) + 8 * ((i >> 1) & 1), col = 8 * (i >> 2) + 2 * (lane & 3) + (i & 1);
         const int u = col >> 6;
         if (!tok[u] || row >= rows) continue;
         const int n = tr[u].nt * 64 + (col & 63), N = tr[u].N;

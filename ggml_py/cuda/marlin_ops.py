@@ -15,7 +15,10 @@ the mma's A operand, 8 T rows of A per tile, and can fold in the rms_norm of A (
 weight given to ``bind``) and the ropes of q and k (``rope=``); ``marlin_<type>_m<MT>[_glu]``
 (M > 16) put them in B, 16 MT rows; ``marlin_<type>_w<NB>`` (sm_90a, NB = 16/32/64 rows, no glu or
 folds) put them in wgmma's register A operand and replace m2 for 17..64 rows where that measured
-faster (``_wg_choice``; ``GGFLAT_MARLIN_WG=0`` turns it off). Each warp of the mma.sync kernels
+faster (``_wg_choice``; ``GGFLAT_MARLIN_WG=0`` turns it off); ``marlin_<type>_x64`` (sm_90a, the
+mixed-input kernel: warp-specialized, the weights dequantized into shared memory for a wgmma with
+both operands there, whole K a CTA) for 33..64 rows with f16 A where its 128-column CTAs fill the
+GPU (4096 x 14336: 32.6 us against m2's 43.7). Each warp of the mma.sync kernels
 computes a rows x 64 tile over (its share of) one k-slab; A may be f32 (the engine's activations:
 the kernel converts its window to f16 in shared memory, so decode needs no cast launch) or f16.
 ``choose_split_dec`` (decode kernels, by rule) and ``choose_split`` (cost model) pick the k-split
@@ -109,11 +112,6 @@ def _module():
     if (X_STAGES, X_RAW_STAGES) != (6, 8):
         opts += (f"-DMARLIN_XST={X_STAGES}", f"-DMARLIN_XRS={X_RAW_STAGES}")
     opts += ("-DMARLIN_XTRACE=1",) if _env_on("GGFLAT_MARLIN_XTRACE", "0") else ()
-    # (experiment) x64's consumer: GGFLAT_MARLIN_XW=2 leaves two wgmma groups in flight, XC2=1 two
-    # consumer warpgroups of one 64-column tile each
-    for name in ("XW", "XC2"):
-        v = os.environ.get(f"GGFLAT_MARLIN_{name}", "").strip()
-        opts += (f"-DMARLIN_{name}={int(v)}",) if v else ()
     return load_module("marlin", opts)
 
 
@@ -229,7 +227,7 @@ _VARIANTS = {"m1": (16, False, 4, 2, False), "m1_glu": (16, True, 4, 1, False), 
 WG_VARIANTS = ("w16", "w32", "w64", "w16_x", "x64")
 # warpgroups a CTA (marlin.cu MARLIN_WG_TYPE): as many as 64K registers hold without spills
 WG_NWG = {"w16": 4, "w32": 2, "w64": 2, "w16_x": 4, "x64": 2}
-# (experiment) the mixed-input kernel marlin_<type>_x64 (marlin.cu X_ST, X_RS): a raw-loading warp, an
+# the mixed-input kernel marlin_<type>_x64 (marlin.cu X_ST, X_RS): a raw-loading warp, an
 # A warpgroup, two dequantizing warpgroups and a consumer warpgroup, two 64-column tiles a CTA over the whole K, no slabs
 # (GGFLAT_MARLIN_XST / _XRS: other depths, for measurement runs)
 X_STAGES = int(os.environ.get("GGFLAT_MARLIN_XST", "6"))
@@ -352,12 +350,14 @@ def _wg_choice(tiles: int, groups: int, M: int, ggml_type: int, a_dtype: str = "
     partials and ticket in series). H100, Q4_0, f16 A, us (m2 against w32/w64, 2026-11-24): 4096 x 4096
     at 33 / 48 / 64 rows 21.9 / 25.1 / 27.2 against 13.9 / 14.8 / 15.4 (Q4_K 31.0 against 17.3, Q4_1
     27.9 against 15.6; 32 rows, Q4_1: 18.7 against 14.9); 4096 x 6144 a tie (22.0 / 23.4 / 25.6 against
-    22.0 / 22.8 / 23.7); 4096 x 14336 and 14336 x 4096 up to 15% slower: those stay on m2."""
+    22.0 / 22.8 / 23.7); 4096 x 14336 and 14336 x 4096 up to 15% slower: those stay on m2, except that
+    4096 x 14336 with f16 A at 33..64 rows goes to x64 (2026-11-25)."""
     if not 16 < M <= 64 or not wg_enabled() or not wg_available():
         return None
-    # the mixed-input kernel (x64: whole K a CTA, no k-split yet) where its 128-column CTAs fill the
-    # GPU, f16 A only (its f32 path loads and converts A in line: not yet fast)
-    if a_dtype == "f16" and groups % 2 == 0 and -(-tiles // 2) >= X_MIN_CTAS * sm_count():
+    # the mixed-input kernel (x64: whole K a CTA, no k-split yet) for 33..64 rows where its 128-column
+    # CTAs fill the GPU, f16 A only (its f32 path loads and converts A in line: correct, not measured).
+    # Its time is flat in M (32.5-33.1 us at 17-64 rows, 4096 x 14336), so m2 keeps 17..32 (27.0 at 32)
+    if a_dtype == "f16" and M > 32 and groups % 2 == 0 and -(-tiles // 2) >= X_MIN_CTAS * sm_count():
         return "x64"
     variant = "w32" if M <= 32 else "w64"
     if groups % _VARIANTS[variant][3]:
