@@ -1258,6 +1258,27 @@ __device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u
                  :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
 }
 
+// One tile's layout runs of one stage of GPS groups, as the warpgroup kernels stream them into
+// shared memory: the groups' codes (CB), their gs chunks (SB) and (Q4_K) their superblock's d/dmin
+template <int QT, int GPS> struct StageRuns {
+    static constexpr int SCB = QT == 1 ? 256 : 128;          // a group's bytes in the gs section
+    static constexpr int CB = GPS * 1024, SB = GPS * SCB, BYTES = CB + SB + (QT == 2 ? 256 : 0);
+};
+// those runs by bulk copy into dst, counted on bar; c, g, s: where the stage's runs start
+template <int QT, int GPS>
+__device__ __forceinline__ void copy_stage_runs(u32 dst, const u8* c, const u8* g, const u8* s, u32 bar) {
+    using R = StageRuns<QT, GPS>;
+    bulk_copy(dst, c, R::CB, bar);
+    bulk_copy(dst + R::CB, g, R::SB, bar);
+    if (QT == 2) bulk_copy(dst + R::CB + R::SB, s, 256, bar);
+}
+// (the host's shared memory size against a kernel's needs)
+__device__ __forceinline__ void trap_unless_smem(u32 need) {
+    u32 dyn;
+    asm("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(dyn));
+    if (need > dyn) __trap();
+}
+
 template <int QT, int NB, int NWG, int STAGES, int GPS, bool SWAP = false>
 __device__ __forceinline__ void marlin_wg_main(
         const u8* __restrict__ w0, const u8* __restrict__ w1, const u8* __restrict__ w2,
@@ -1268,9 +1289,8 @@ __device__ __forceinline__ void marlin_wg_main(
         const float* norm_w, float eps, int norm, void* kc, void* vc, int* pc, const int* kslots,
         const int* kpos, int kv_f16, int kv_cap, int early) {
 #ifdef MARLIN_HAVE_WGMMA
-    constexpr int SCB = QT == 1 ? 256 : 128;       // a group's bytes in the gs section
-    constexpr int CB = GPS * 1024, SB = GPS * SCB; // a stage: GPS groups' codes, their gs chunks,
-    constexpr int WST = CB + SB + (QT == 2 ? 256 : 0);   // and (Q4_K) their superblock's d/dmin
+    using RS = StageRuns<QT, GPS>;
+    constexpr int SCB = RS::SCB, CB = RS::CB, SB = RS::SB, WST = RS::BYTES;   // a stage's runs
     constexpr int ND = NB / 2;                     // accumulators a thread
     constexpr int NT = 128 * NWG;
     static_assert(8 % GPS == 0, "a stage's groups lie in one Q4_K superblock");
@@ -1321,9 +1341,7 @@ __device__ __forceinline__ void marlin_wg_main(
         const u32 bar = full_s + 8u * slot, dst = ring_s + (u32)(slot * WST);
         const i64 gs = (i64)P.si * GPS;
         mbar_expect(bar, WST);
-        bulk_copy(dst, P.c + gs * 1024, CB, bar);
-        bulk_copy(dst + CB, P.g + gs * SCB, SB, bar);
-        if (QT == 2) bulk_copy(dst + CB + SB, P.s + (i64)((g0 + gs) >> 3) * 256, 256, bar);
+        copy_stage_runs<QT, GPS>(dst, P.c + gs * 1024, P.g + gs * SCB, P.s + (i64)((g0 + gs) >> 3) * 256, bar);
         if (++P.si == n_st) {
             P.si = 0;
             ++P.ti;
@@ -1332,11 +1350,7 @@ __device__ __forceinline__ void marlin_wg_main(
         s_prod[wg] = P;
     };
 
-    {
-        u32 dyn;                                   // (the host's shared memory size against this kernel's needs)
-        asm("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(dyn));
-        if ((u32)(NWG * STAGES * WST + 1024 + NB * kw * 2) > dyn) __trap();
-    }
+    trap_unless_smem((u32)(NWG * STAGES * WST + 1024 + NB * kw * 2));
     PDL_TRIGGER();
     if (wt == 0) {
 #pragma unroll
@@ -1629,10 +1643,6 @@ constexpr int X_DR = X_RS - 2;                     // raw stages issued before t
 constexpr int X_THREADS = 544;
 constexpr int X_AB = 64 * 128;                     // bytes of an A stage (64 rows x 64 k f16)
 constexpr int X_BB = 128 * 128;                    // bytes of a B stage (128 columns x 64 k f16)
-template <int QT> struct XRaw {                    // a tile's layout runs of one stage (two groups)
-    static constexpr int SCB = QT == 1 ? 256 : 128;
-    static constexpr int CB = 2 * 1024, SB = 2 * SCB, BYTES = CB + SB + (QT == 2 ? 256 : 0);
-};
 // MARLIN_XTRACE (a measurement build, benchmarks/xtrace.py): CTA 0 stamps clock64 at each stage's
 // waits (marlin_xtrace[event][stage], stages < 512)
 #ifndef MARLIN_XTRACE
@@ -1678,7 +1688,7 @@ __device__ __forceinline__ void marlin_x_main(
         float* o0, float* o1, float* o2, int N0, int N1, int N2, int t1, int t2, int t3,
         const void* __restrict__ Av, int a_f16, int M, int K, int lda, const float* resid, int mode) {
 #ifdef MARLIN_HAVE_WGMMA
-    using R = XRaw<QT>;
+    using R = StageRuns<QT, 2>;                    // a tile's layout runs of one stage (two groups)
     static_assert(X_ST >= 2 && X_DR >= 1, "x64: ring depths");
     const int tid = threadIdx.x, lane = tid & 31;
     const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0), wl = warp & 3, wg = warp >> 2;
@@ -1694,11 +1704,7 @@ __device__ __forceinline__ void marlin_x_main(
     __shared__ __align__(8) unsigned long long s_full[X_ST], s_empty[X_ST], s_rfull[X_RS], s_rempty[X_RS];
     const u32 full_s = smem_addr(&s_full[0]), empty_s = smem_addr(&s_empty[0]);
     const u32 rfull_s = smem_addr(&s_rfull[0]), rempty_s = smem_addr(&s_rempty[0]);
-    {
-        u32 dyn;
-        asm("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(dyn));
-        if ((u32)(X_ST * (X_AB + X_BB) + X_RS * 2 * R::BYTES + 1024) > dyn) __trap();
-    }
+    trap_unless_smem((u32)(X_ST * (X_AB + X_BB) + X_RS * 2 * R::BYTES + 1024));
     TileRef tr[2];
     bool tok[2];
 #pragma unroll
@@ -1768,10 +1774,8 @@ __device__ __forceinline__ void marlin_x_main(
 #pragma unroll
             for (int u = 0; u < 2; ++u) {
                 if (!tok[u]) continue;
-                const u32 d = dst + (u32)(u * R::BYTES);
-                bulk_copy(d, rc[u] + (i64)s * 2 * 1024, R::CB, bar);
-                bulk_copy(d + R::CB, rg[u] + (i64)s * R::SB, R::SB, bar);
-                if (QT == 2) bulk_copy(d + R::CB + R::SB, rsc[u] + (i64)(s >> 2) * 256, 256, bar);
+                copy_stage_runs<QT, 2>(dst + (u32)(u * R::BYTES), rc[u] + (i64)s * R::CB, rg[u] + (i64)s * R::SB,
+                                       rsc[u] + (i64)(s >> 2) * 256, bar);
             }
         };
         if (lane == 0) {
