@@ -344,6 +344,13 @@ def choose_split_wg(tiles: int, m_tiles: int, groups: int, variant: str, sms: in
     return min(tpc, tiles), s
 
 
+def x64_slabs(tiles: int, m_tiles: int, groups: int, sms: int) -> int:
+    """x64's k-split: as many slabs as bring its CTAs (two tiles each) up to the SMs, each slab at least
+    8 stages (64 k a stage) so the rings fill (experiment: not measured yet)."""
+    ctas = -(-tiles // 2) * m_tiles
+    return max(1, min(sms // ctas, groups // 2 // 8))
+
+
 def _wg_choice(tiles: int, groups: int, M: int, ggml_type: int, a_dtype: str = "f32") -> str | None:
     """The warpgroup kernel for 17..64 rows where it measured faster than m2: when its split leaves
     every warpgroup at most one tile (a warpgroup that streams several tiles pays each one's drain,
@@ -538,8 +545,9 @@ class MarlinPlan:
             gps = _VARIANTS[variant][3]
             if G % gps:
                 raise ValueError(f"Marlin: {variant} needs K to be a multiple of {32 * gps}")
-            if variant == "x64":
-                self.tpc, self.slabs = 2, 1             # (the kernel's fixed split)
+            if variant == "x64":                        # two tiles a CTA; a k-split where the CTAs are few
+                self.tpc = 2
+                self.slabs = int(slabs) if slabs else x64_slabs(T, self.m_tiles, G, sm_count())
             elif slabs or kws:
                 self.tpc, self.slabs = int(kws or 1), int(slabs or 1)
             else:
