@@ -66,11 +66,13 @@ def test_nvcc_compiles_marlin_sm90a(tmp_path):
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 def test_nvcc_compiles_marlin_one_warp_epilogue(tmp_path):
-    """The A/B build GGFLAT_MARLIN_PAREPI=0 (MARLIN_PAR_EPI=0: q/k/v's epilogue on one warp a tile, as
-    before session 8) still compiles."""
+    """The A/B builds GGFLAT_MARLIN_PAREPI=0 (MARLIN_PAR_EPI=0: q/k/v's epilogue on one warp a tile, as
+    before session 8) and GGFLAT_MARLIN_AGATE=0 (q/k/v's weight stages not held for A, as before
+    session 9) still compile."""
     cu = CUDA_DIR / "marlin.cu"
     out = tmp_path / "marlin_epi.ptx"
-    p = subprocess.run(["nvcc", "-arch=sm_90a", "--ptx", "-std=c++17", "-DMARLIN_PAR_EPI=0", "-o", str(out), str(cu)],
+    p = subprocess.run(["nvcc", "-arch=sm_90a", "--ptx", "-std=c++17", "-DMARLIN_PAR_EPI=0", "-DMARLIN_AGATE=0",
+                        "-o", str(out), str(cu)],
                        capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, f"nvcc -DMARLIN_PAR_EPI=0 failed on marlin.cu:\n{p.stderr[-4000:]}"
     assert "marlin_q4_0_d1" in out.read_text()
@@ -78,15 +80,18 @@ def test_nvcc_compiles_marlin_one_warp_epilogue(tmp_path):
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 def test_nvcc_compiles_marlin_trace_build(tmp_path):
-    """The measurement build (GGFLAT_MARLIN_TRACE=1: MARLIN_TRACE, read by benchmarks/trace_decode.py)
-    still compiles, and exports the buffer and counter the tool reads."""
+    """The measurement builds (GGFLAT_MARLIN_TRACE=1: MARLIN_TRACE, read by benchmarks/trace_decode.py;
+    GGFLAT_MARLIN_XTRACE=1: x64's stage stamps, read by benchmarks/xtrace.py) still compile, and export
+    the buffers and counter the tools read."""
     cu = CUDA_DIR / "marlin.cu"
     out = tmp_path / "marlin_trace.ptx"
-    p = subprocess.run(["nvcc", "-arch=sm_90a", "--ptx", "-std=c++17", "-DMARLIN_TRACE=1", "-o", str(out), str(cu)],
+    p = subprocess.run(["nvcc", "-arch=sm_90a", "--ptx", "-std=c++17", "-DMARLIN_TRACE=1", "-DMARLIN_XTRACE=1",
+                        "-o", str(out), str(cu)],
                        capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, f"nvcc -DMARLIN_TRACE=1 failed on marlin.cu:\n{p.stderr[-4000:]}"
     ptx = out.read_text()
     assert "marlin_trace_buf" in ptx and "marlin_trace_n" in ptx and "%globaltimer" in ptx
+    assert "marlin_xtrace" in ptx
 
 
 @pytest.mark.parametrize("cu", CU_FILES, ids=lambda p: p.name)

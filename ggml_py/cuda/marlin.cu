@@ -1595,7 +1595,7 @@ MARLIN_WG_TYPE(1, q4_1)
 MARLIN_WG_TYPE(2, q4_k)
 MARLIN_WG_KERNEL(marlin_q4_0_w16_x, 0, 16, 4, 8, 2, true)
 
-// -- the mixed-input kernel (sm_90a, 17..64 rows; experiment) ------------------------------------
+// -- the mixed-input kernel (sm_90a; the plan's choice at 33..64 rows with f16 A) -----------------
 // marlin_<type>_x64: out (64 rows x 128 columns: two 64-column tiles) over the whole K in one CTA,
 // warp-specialized (544 threads):
 //  - warp 16's lane 0 streams the two tiles' layout runs into a raw ring (bulk copies, a "raw
@@ -1620,8 +1620,8 @@ MARLIN_WG_KERNEL(marlin_q4_0_w16_x, 0, 16, 4, 8, 2, true)
 #endif
 constexpr int X_ST = MARLIN_XST;                   // stages of the A/B ring (64 k each)
 constexpr int X_RS = MARLIN_XRS;                   // stages of the raw (layout) ring
-constexpr int X_DR = X_RS - 2;                     // the raw ring's lead: the loader waits for the dequant of
-                                                   // stage s - 2 (not s: that would hold A of stage s back)
+constexpr int X_DR = X_RS - 2;                     // raw stages issued before the CTA's barrier (the rest as
+                                                   // their slots are read)
 constexpr int X_THREADS = 544;
 constexpr int X_AB = 64 * 128;                     // bytes of an A stage (64 rows x 64 k f16)
 constexpr int X_BB = 128 * 128;                    // bytes of a B stage (128 columns x 64 k f16)

@@ -226,10 +226,10 @@ _VARIANTS = {"m1": (16, False, 4, 2, False), "m1_glu": (16, True, 4, 1, False), 
 # (a test that the descriptor's layout is the one that matters)
 WG_VARIANTS = ("w16", "w32", "w64", "w16_x", "x64")
 # warpgroups a CTA (marlin.cu MARLIN_WG_TYPE): as many as 64K registers hold without spills
-WG_NWG = {"w16": 4, "w32": 2, "w64": 2, "w16_x": 4, "x64": 2}
-# the mixed-input kernel marlin_<type>_x64 (marlin.cu X_ST, X_RS): a raw-loading warp, an
-# A warpgroup, two dequantizing warpgroups and a consumer warpgroup, two 64-column tiles a CTA over the whole K, no slabs
-# (GGFLAT_MARLIN_XST / _XRS: other depths, for measurement runs)
+WG_NWG = {"w16": 4, "w32": 2, "w64": 2, "w16_x": 4}
+# the mixed-input kernel marlin_<type>_x64 (marlin.cu X_ST, X_RS): a raw-loading warp, an A warpgroup,
+# two dequantizing warpgroups and a consumer warpgroup (X_THREADS); two 64-column tiles a CTA over the
+# whole K, no slabs. GGFLAT_MARLIN_XST / _XRS: other ring depths, for measurement runs
 X_STAGES = int(os.environ.get("GGFLAT_MARLIN_XST", "6"))
 X_RAW_STAGES = int(os.environ.get("GGFLAT_MARLIN_XRS", "8"))
 X_MIN_CTAS = 0.75                      # (of the SMs) the fewest CTAs for which the plan picks x64
