@@ -1,5 +1,5 @@
-"""Time chosen (kernel variant, kws x slabs) points of the Marlin GEMM on one shape each, f16 A,
-PDL off -- a targeted companion to bench_marlin.py --sweep:
+"""Time chosen (kernel variant, kws x slabs) points of the Marlin GEMM on one shape each, f16 A
+(``--a f32``: the engine's activations), PDL off -- a targeted companion to bench_marlin.py --sweep:
 
     python benchmarks/bench_points.py --type Q4_0 16x4096x14336:d2:1x4,2x4 64x4096x14336:m2:default
 """
@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--type", default="Q4_0")
+    ap.add_argument("--a", default="f16", choices=("f16", "f32"), help="A's dtype")
     ap.add_argument("points", nargs="+", help="MxKxN:variant:kwsxslabs[,kwsxslabs...] ('default': the plan's "
                     "choice of variant or split; for the warpgroup variants w16/w32/w64, tiles-a-CTA x slabs)")
     args = ap.parse_args(argv)
@@ -38,13 +39,13 @@ def main(argv=None) -> None:
         for sp in splits.split(","):
             kws, slabs = (None, None) if sp == "default" else (int(v) for v in sp.split("x"))
             try:
-                t, p = bench_marlin(cp, mo, ws, M, K, stream, slabs=slabs, kws=kws,
+                t, p = bench_marlin(cp, mo, ws, M, K, stream, a_dtype=args.a, slabs=slabs, kws=kws,
                                     config=None if variant == "default" else variant)
                 split = f"t{p.tpc}s{p.slabs}" if p.wg else f"k{p.kws}s{p.slabs}"
                 res.append(f"{p.variant} {split}={t * 1e6:.1f}")
             except ValueError as e:
                 res.append(f"{sp}=({e})")
-        print(f"{args.type} {shape} {variant}: " + " ".join(res), flush=True)
+        print(f"{args.type} {shape} {variant}{' f32 A' if args.a == 'f32' else ''}: " + " ".join(res), flush=True)
 
 
 if __name__ == "__main__":

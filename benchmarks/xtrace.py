@@ -33,6 +33,7 @@ def main(argv=None) -> None:
     ap.add_argument("shapes", nargs="+", help="MxKxN")
     args = ap.parse_args(argv)
     os.environ["GGFLAT_MARLIN_XTRACE"] = "1"
+    os.environ["GGFLAT_MARLIN_XONLY"] = "1"          # only the x64 kernels: the build takes seconds
     os.environ.setdefault("GGFLAT_PDL", "0")
     import cupy as cp
     from benchmarks.bench_marlin import TYPES, random_weight

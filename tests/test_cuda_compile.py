@@ -94,6 +94,20 @@ def test_nvcc_compiles_marlin_trace_build(tmp_path):
     assert "marlin_xtrace" in ptx
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_nvcc_compiles_marlin_x_only(tmp_path):
+    """benchmarks/xtrace.py's build (GGFLAT_MARLIN_XONLY=1 with XTRACE): the x64 and repack kernels
+    only, so that it builds in seconds on the device."""
+    cu = CUDA_DIR / "marlin.cu"
+    out = tmp_path / "marlin_x.ptx"
+    p = subprocess.run(["nvcc", "-arch=sm_90a", "--ptx", "-std=c++17", "-DMARLIN_XONLY=1", "-DMARLIN_XTRACE=1",
+                        "-o", str(out), str(cu)], capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, f"nvcc -DMARLIN_XONLY=1 failed on marlin.cu:\n{p.stderr[-4000:]}"
+    ptx = out.read_text()
+    assert "marlin_q4_k_x64" in ptx and "marlin_repack_codes" in ptx and "marlin_xtrace" in ptx
+    assert "marlin_q4_0_d1" not in ptx and "marlin_q4_0_m2" not in ptx
+
+
 @pytest.mark.parametrize("cu", CU_FILES, ids=lambda p: p.name)
 def test_nvrtc_compiles(cu):
     from ggml_py.backend_cupy import unavailable_reason

@@ -1574,9 +1574,16 @@ __device__ __forceinline__ void marlin_wg_main(
     MARLIN_KERNEL(marlin_##QN##_m2_glu, QT, 2, true, 4, 1, 1)              \
     MARLIN_KERNEL(marlin_##QN##_m4, QT, 4, false, 4, 1, 1)
 
+// MARLIN_XONLY (measurement builds of the x64 kernel, benchmarks/xtrace.py): no other GEMM kernels,
+// so NVRTC compiles the module in seconds rather than ~50
+#ifndef MARLIN_XONLY
+#define MARLIN_XONLY 0
+#endif
+#if !MARLIN_XONLY
 MARLIN_TYPE(0, q4_0, 2, 1)
 MARLIN_TYPE(1, q4_1, 2, 1)
 MARLIN_TYPE(2, q4_k, 2, 1)
+#endif
 
 // marlin_<type>_w<NB>: the warpgroup kernel (sm_90a), NB rows of A per tile, NWG warpgroups a CTA (as
 // many as the registers allow without spills: marlin_ops.WG_NWG), STAGES stages of GPS groups (w32/w64:
@@ -1590,10 +1597,12 @@ MARLIN_TYPE(2, q4_k, 2, 1)
     MARLIN_WG_KERNEL(marlin_##QN##_w16, QT, 16, 4, 8, 2, false)        \
     MARLIN_WG_KERNEL(marlin_##QN##_w32, QT, 32, 2, 6, 4, false)        \
     MARLIN_WG_KERNEL(marlin_##QN##_w64, QT, 64, 2, 6, 4, false)
+#if !MARLIN_XONLY
 MARLIN_WG_TYPE(0, q4_0)
 MARLIN_WG_TYPE(1, q4_1)
 MARLIN_WG_TYPE(2, q4_k)
 MARLIN_WG_KERNEL(marlin_q4_0_w16_x, 0, 16, 4, 8, 2, true)
+#endif
 
 // -- the mixed-input kernel (sm_90a; the plan's choice at 33..64 rows with f16 A) -----------------
 // marlin_<type>_x64: out (64 rows x 128 columns: two 64-column tiles) over the whole K in one CTA,
@@ -1957,6 +1966,7 @@ MARLIN_X_KERNEL(marlin_q4_0_x64, 0)
 MARLIN_X_KERNEL(marlin_q4_1_x64, 1)
 MARLIN_X_KERNEL(marlin_q4_k_x64, 2)
 
+#if !MARLIN_XONLY
 MARLIN_KERNEL(marlin_q4_0_m1_s4g1, 0, 1, false, 4, 1, 3)
 MARLIN_KERNEL(marlin_q4_0_m1_s6g1, 0, 1, false, 6, 1, 3)
 MARLIN_KERNEL(marlin_q4_0_m1_s8g1, 0, 1, false, 8, 1, 2)
@@ -1973,6 +1983,7 @@ extern "C" __global__ void __launch_bounds__(MARLIN_THREADS, 2) marlin_q4_0_d1_p
 extern "C" __global__ void __launch_bounds__(MARLIN_THREADS, 2) marlin_q4_0_d1_probe2(MARLIN_ARGS) {
     marlin_dec_main<0, 1, false, 4, 2, 2>(MARLIN_PASS);
 }
+#endif
 
 // -- repacking GGUF blocks into the layout (at load), and reading it back ------------------------
 

@@ -112,6 +112,8 @@ def _module():
     if (X_STAGES, X_RAW_STAGES) != (6, 8):
         opts += (f"-DMARLIN_XST={X_STAGES}", f"-DMARLIN_XRS={X_RAW_STAGES}")
     opts += ("-DMARLIN_XTRACE=1",) if _env_on("GGFLAT_MARLIN_XTRACE", "0") else ()
+    # GGFLAT_MARLIN_XONLY=1: a module of the x64 and repack kernels only (measurement scripts: seconds to build)
+    opts += ("-DMARLIN_XONLY=1",) if _env_on("GGFLAT_MARLIN_XONLY", "0") else ()
     return load_module("marlin", opts)
 
 
