@@ -64,18 +64,21 @@ def test_nvcc_compiles_marlin_sm90a(tmp_path):
     assert not [name for name, n in spills if int(n)], spills
 
 
+def _marlin_ptx(tmp_path, *defines: str) -> str:
+    """marlin.cu built for sm_90a as PTX with these -D options (the A/B and measurement builds)."""
+    out = tmp_path / "marlin.ptx"
+    p = subprocess.run(["nvcc", "-arch=sm_90a", "--ptx", "-std=c++17", *defines, "-o", str(out),
+                        str(CUDA_DIR / "marlin.cu")], capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, f"nvcc {' '.join(defines)} failed on marlin.cu:\n{p.stderr[-4000:]}"
+    return out.read_text()
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 def test_nvcc_compiles_marlin_one_warp_epilogue(tmp_path):
     """The A/B builds GGFLAT_MARLIN_PAREPI=0 (MARLIN_PAR_EPI=0: q/k/v's epilogue on one warp a tile, as
     before session 8) and GGFLAT_MARLIN_AGATE=0 (q/k/v's weight stages not held for A, as before
     session 9) still compile."""
-    cu = CUDA_DIR / "marlin.cu"
-    out = tmp_path / "marlin_epi.ptx"
-    p = subprocess.run(["nvcc", "-arch=sm_90a", "--ptx", "-std=c++17", "-DMARLIN_PAR_EPI=0", "-DMARLIN_AGATE=0",
-                        "-o", str(out), str(cu)],
-                       capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, f"nvcc -DMARLIN_PAR_EPI=0 failed on marlin.cu:\n{p.stderr[-4000:]}"
-    assert "marlin_q4_0_d1" in out.read_text()
+    assert "marlin_q4_0_d1" in _marlin_ptx(tmp_path, "-DMARLIN_PAR_EPI=0", "-DMARLIN_AGATE=0")
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
@@ -83,13 +86,7 @@ def test_nvcc_compiles_marlin_trace_build(tmp_path):
     """The measurement builds (GGFLAT_MARLIN_TRACE=1: MARLIN_TRACE, read by benchmarks/trace_decode.py;
     GGFLAT_MARLIN_XTRACE=1: x64's stage stamps, read by benchmarks/xtrace.py) still compile, and export
     the buffers and counter the tools read."""
-    cu = CUDA_DIR / "marlin.cu"
-    out = tmp_path / "marlin_trace.ptx"
-    p = subprocess.run(["nvcc", "-arch=sm_90a", "--ptx", "-std=c++17", "-DMARLIN_TRACE=1", "-DMARLIN_XTRACE=1",
-                        "-o", str(out), str(cu)],
-                       capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, f"nvcc -DMARLIN_TRACE=1 failed on marlin.cu:\n{p.stderr[-4000:]}"
-    ptx = out.read_text()
+    ptx = _marlin_ptx(tmp_path, "-DMARLIN_TRACE=1", "-DMARLIN_XTRACE=1")
     assert "marlin_trace_buf" in ptx and "marlin_trace_n" in ptx and "%globaltimer" in ptx
     assert "marlin_xtrace" in ptx
 
@@ -98,12 +95,7 @@ def test_nvcc_compiles_marlin_trace_build(tmp_path):
 def test_nvcc_compiles_marlin_x_only(tmp_path):
     """benchmarks/xtrace.py's build (GGFLAT_MARLIN_XONLY=1 with XTRACE): the x64 and repack kernels
     only, so that it builds in seconds on the device."""
-    cu = CUDA_DIR / "marlin.cu"
-    out = tmp_path / "marlin_x.ptx"
-    p = subprocess.run(["nvcc", "-arch=sm_90a", "--ptx", "-std=c++17", "-DMARLIN_XONLY=1", "-DMARLIN_XTRACE=1",
-                        "-o", str(out), str(cu)], capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, f"nvcc -DMARLIN_XONLY=1 failed on marlin.cu:\n{p.stderr[-4000:]}"
-    ptx = out.read_text()
+    ptx = _marlin_ptx(tmp_path, "-DMARLIN_XONLY=1", "-DMARLIN_XTRACE=1")
     assert "marlin_q4_k_x64" in ptx and "marlin_repack_codes" in ptx and "marlin_xtrace" in ptx
     assert "marlin_q4_0_d1" not in ptx and "marlin_q4_0_m2" not in ptx
 

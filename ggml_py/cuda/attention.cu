@@ -72,16 +72,11 @@
 #define ATTN_TRACE_CAP (1 << 16)
 __device__ unsigned long long attn_trace_buf[ATTN_TRACE_CAP * 8];
 __device__ unsigned int attn_trace_n;
-__device__ __forceinline__ unsigned long long attn_gtimer() {
-    unsigned long long t;
-    asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
-    return t;
-}
 // stamps[0..4] of this block (thread 0's view), written out once at its end
-#define ATTN_STAMP(st, i) do { if (threadIdx.x == 0) (st)[i] = attn_gtimer(); } while (0)
+#define ATTN_STAMP(st, i) do { if (threadIdx.x == 0) (st)[i] = global_timer_ns(); } while (0)
 __device__ __forceinline__ void attn_trace_write(const unsigned long long* st, int tiles, int nsplit) {
     if (threadIdx.x != 0) return;
-    const unsigned long long t_end = attn_gtimer();
+    const unsigned long long t_end = global_timer_ns();
     const unsigned int n = atomicAdd(&attn_trace_n, 1u);
     if (n >= ATTN_TRACE_CAP) return;
     unsigned long long* r = attn_trace_buf + (size_t)n * 8;

@@ -12,6 +12,13 @@
 #define PDL_TRIGGER()
 #endif
 
+// %globaltimer (ns): the trace builds' stamps (MARLIN_TRACE, ATTN_TRACE), on one clock across kernels
+__device__ __forceinline__ unsigned long long global_timer_ns() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+    return t;
+}
+
 // The gate activations, in the NumPy backend's step order.
 // y = x / (1 + exp(-x)): exp overflows to inf for x < -88 and gives -0, never NaN
 __device__ __forceinline__ float act_silu(float x) { return x / (1.0f + expf(-x)); }

@@ -62,16 +62,11 @@ typedef long long i64;
 __device__ unsigned long long marlin_trace_buf[MARLIN_TRACE_CAP * MARLIN_TRACE_W];
 __device__ unsigned int marlin_trace_n;
 __device__ unsigned long long marlin_trace_mark[4096 * 2];   // a warp's marks from marlin_finish
-__device__ __forceinline__ unsigned long long gtimer() {
-    unsigned long long t;
-    asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
-    return t;
-}
 __device__ __forceinline__ int trace_warp_id() {
     return (int)(((blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5)) & 4095;
 }
-#define TRACE_T(v) const unsigned long long v = gtimer()
-#define TRACE_MARK(i) do { if ((threadIdx.x & 31) == 0) marlin_trace_mark[trace_warp_id() * 2 + (i)] = gtimer(); } while (0)
+#define TRACE_T(v) const unsigned long long v = global_timer_ns()
+#define TRACE_MARK(i) do { if ((threadIdx.x & 31) == 0) marlin_trace_mark[trace_warp_id() * 2 + (i)] = global_timer_ns(); } while (0)
 #else
 #define TRACE_T(v)
 #define TRACE_MARK(i) do {} while (0)
@@ -1113,7 +1108,7 @@ __device__ __forceinline__ void marlin_dec_main(
     }, smem, warp, lane, t, active, sub, g, nt, N);
 #if MARLIN_TRACE
     if (lane == 0) {
-        const unsigned long long tr3 = gtimer();   // (before the record's atomic: its contention is not ours)
+        const unsigned long long tr3 = global_timer_ns();   // (before the record's atomic: its contention is not ours)
         const unsigned int n = atomicAdd(&marlin_trace_n, 1u);
         if (n < MARLIN_TRACE_CAP) {
             unsigned long long* r = marlin_trace_buf + (size_t)n * MARLIN_TRACE_W;

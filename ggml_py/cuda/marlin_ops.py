@@ -258,11 +258,11 @@ _DEC_SCALE_BYTES = {2: 128, 3: 256, 12: 384}       # a group's scale bytes in th
 
 def _smem_bytes(variant: str, rows: int, kw: int, cluster: bool = False, kws: int = 1, ggml_type: int = 2) -> int:
     nb, glu, stages, gps, dec = _VARIANTS[variant]
-    if variant == "x64":                          # A and B rings, the raw ring, 1024 alignment
-        raw = 2 * 1024 + 2 * (256 if ggml_type == 3 else 128) + (256 if ggml_type == 12 else 0)
-        return X_STAGES * (64 * 128 + 128 * 128) + X_RAW_STAGES * 2 * raw + 1024
-    if variant in WG_VARIANTS:                    # the warpgroups' rings + the A window (nb rows, not `rows`)
+    if variant in WG_VARIANTS:
+        # a tile's layout runs of one stage (marlin.cu StageRuns)
         stage = gps * (1024 + (256 if ggml_type == 3 else 128)) + (256 if ggml_type == 12 else 0)
+        if variant == "x64":                      # A and B rings, the raw ring of two tiles, 1024 alignment
+            return X_STAGES * (64 * 128 + 128 * 128) + X_RAW_STAGES * 2 * stage + 1024
         return WG_NWG[variant] * stages * stage + 1024 + nb * kw * 2     # (the window is 1024-aligned)
     nwt = 2 if glu else 1
     if dec:
