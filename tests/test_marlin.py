@@ -165,9 +165,14 @@ def test_warpgroup_choice(monkeypatch):
     # the mixed-input kernel, f16 A, 33..64 rows: where its 128-column CTAs fill the GPU (4096 x 14336:
     # 112 CTAs, 32.6 us against m2's 43.7 at 64 rows); at 17..32 rows m2 is faster (27.0 at 32)
     assert mo._wg_choice(224, G, 64, 2, "f16") == "x64" and mo._wg_choice(224, G, 33, 12, "f16") == "x64"
-    assert mo._wg_choice(64, G, 64, 2, "f16") == "w64"                   # 4096 x 4096: 32 CTAs
+    assert mo._wg_choice(64, G, 64, 2, "f16") == "w64"                   # 4096 x 4096: slabs of 16 stages
+    assert mo._wg_choice(64, 14336 // 32, 64, 2, "f16") == "x64"         # 14336 x 4096: 4 slabs of 56
+    assert mo._wg_choice(64, 14336 // 32, 64, 2) is None                 # (f32 A: m2)
     assert mo._wg_choice(224, G, 32, 2, "f16") is None and mo._wg_choice(224, G, 16, 2, "f16") is None
     assert mo._wg_choice(224, G, 64, 2, "f32") is None
+    # x64's k-split: CTAs up to the SMs, slabs of at least 8 stages
+    assert mo.x64_slabs(224, 1, G, 132) == 1 and mo.x64_slabs(64, 1, 14336 // 32, 132) == 4
+    assert mo.x64_slabs(64, 1, G, 132) == 4 and mo.x64_slabs(10, 1, 1024 // 32, 132) == 2
     monkeypatch.setenv("GGFLAT_MARLIN_WG", "0")
     assert mo._wg_choice(64, G, 64, 2) is None
 
@@ -391,6 +396,20 @@ def test_gemm_mixed_input(cp, mo, t):
                 cp.asarray(a.astype(np.float16)), [out], resid=out)
             e = _nmse(cp.asnumpy(out), a64 @ refs[1].T + r0)
             assert e <= NMSE, f"{TYPES[t]} x64 residual K={K} M={M} seed {seed}: {e:.3g}"
+            if K >= 1024:                            # k-splits of uneven slabs (16 stages in 3), residual too
+                p = mo.plan_gemm(ws, M, a_dtype="f16", config="x64", slabs=3)
+                assert p.slabs == 3
+                for _ in range(2):                   # twice: the tickets reset themselves
+                    outs = [cp.full((M, s[0]), np.nan, cp.float32) for s in shapes]
+                    p(cp.asarray(a.astype(np.float16)), outs)
+                    for o, r in zip(outs, refs):
+                        e = _nmse(cp.asnumpy(o), a64 @ r.T)
+                        assert e <= NMSE, f"{TYPES[t]} x64 slabs=3 K={K} M={M} seed {seed}: {e:.3g}"
+                out = cp.asarray(r0)
+                mo.plan_gemm([ws[1]], M, residual=True, a_dtype="f16", config="x64", slabs=3)(
+                    cp.asarray(a.astype(np.float16)), [out], resid=out)
+                e = _nmse(cp.asnumpy(out), a64 @ refs[1].T + r0)
+                assert e <= NMSE, f"{TYPES[t]} x64 slabs=3 residual K={K} M={M} seed {seed}: {e:.3g}"
 
 
 def _silu(x):

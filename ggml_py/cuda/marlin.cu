@@ -1686,13 +1686,18 @@ template <int QT>
 __device__ __forceinline__ void marlin_x_main(
         const u8* __restrict__ w0, const u8* __restrict__ w1, const u8* __restrict__ w2,
         float* o0, float* o1, float* o2, int N0, int N1, int N2, int t1, int t2, int t3,
-        const void* __restrict__ Av, int a_f16, int M, int K, int lda, const float* resid, int mode) {
+        const void* __restrict__ Av, int a_f16, int M, int K, int lda, const float* resid, int mode,
+        int slabs, float* part, u32* tickets) {
 #ifdef MARLIN_HAVE_WGMMA
     using R = StageRuns<QT, 2>;                    // a tile's layout runs of one stage (two groups)
     static_assert(X_ST >= 2 && X_DR >= 1, "x64: ring depths");
     const int tid = threadIdx.x, lane = tid & 31;
     const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0), wl = warp & 3, wg = warp >> 2;
-    const int G = K / 32, n_st = G / 2;            // (the host makes G even)
+    const int G = K / 32;                          // (the host makes G even)
+    // k-split: slab blockIdx.y of `slabs` takes stages [st0, st0 + n_st) of the G / 2; the rings count
+    // from the slab's first stage (s), the global copies from st0 + s
+    const int st0 = (int)((i64)blockIdx.y * (G / 2) / slabs);
+    const int n_st = (int)((i64)(blockIdx.y + 1) * (G / 2) / slabs) - st0;
     const int m0 = blockIdx.z * 64, rows = min(M - m0, 64);
     const int tb = blockIdx.x * 2;                 // tiles tb, tb + 1 (the second may not exist)
 
@@ -1725,7 +1730,7 @@ __device__ __forceinline__ void marlin_x_main(
     auto stage_a = [&](int s) {
         const u32 dst = sA + (u32)((s % X_ST) * X_AB) + adoff;
         if (a_f16) {
-            const half* A = reinterpret_cast<const half*>(Av) + abase + s * 64;
+            const half* A = reinterpret_cast<const half*>(Av) + abase + (i64)(st0 + s) * 64;
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 const bool ok = (avalid >> i) & 1u;
@@ -1734,7 +1739,7 @@ __device__ __forceinline__ void marlin_x_main(
             asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n"
                          :: "r"(full_s + 8u * (s % X_ST)) : "memory");
         } else {
-            const float* A = reinterpret_cast<const float*>(Av) + abase + s * 64;
+            const float* A = reinterpret_cast<const float*>(Av) + abase + (i64)(st0 + s) * 64;
             float4 f[4][2];
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
@@ -1770,12 +1775,13 @@ __device__ __forceinline__ void marlin_x_main(
         const u32 rbytes = (tok[0] ? R::BYTES : 0) + (tok[1] ? R::BYTES : 0);
         auto issue_raw = [&](int s) {
             const u32 bar = rfull_s + 8u * (s % X_RS), dst = smem_addr(raw) + (u32)((s % X_RS) * 2 * R::BYTES);
+            const int gs = st0 + s;                // the stage in the weight's k order
             mbar_expect(bar, rbytes);
 #pragma unroll
             for (int u = 0; u < 2; ++u) {
                 if (!tok[u]) continue;
-                copy_stage_runs<QT, 2>(dst + (u32)(u * R::BYTES), rc[u] + (i64)s * R::CB, rg[u] + (i64)s * R::SB,
-                                       rsc[u] + (i64)(s >> 2) * 256, bar);
+                copy_stage_runs<QT, 2>(dst + (u32)(u * R::BYTES), rc[u] + (i64)gs * R::CB, rg[u] + (i64)gs * R::SB,
+                                       rsc[u] + (i64)(gs >> 2) * 256, bar);
             }
         };
         if (lane == 0) {
@@ -1891,23 +1897,69 @@ __device__ __forceinline__ void marlin_x_main(
     }
     wg_wait<0>();
     // D fragment: row 16 wl + lane / 4 + 8 ((i / 2) % 2), column 8 (i / 4) + 2 (lane % 4) + i % 2
+    if (slabs == 1) {
 #pragma unroll
-    for (int i = 0; i < 64; ++i) {
-        const int row = 16 * wl + (lane >> 2) + 8 * ((i >> 1) & 1), col = 8 * (i >> 2) + 2 * (lane & 3) + (i & 1);
+        for (int i = 0; i < 64; ++i) {
+            const int row = 16 * wl + (lane >> 2) + 8 * ((i >> 1) & 1), col = 8 * (i >> 2) + 2 * (lane & 3) + (i & 1);
+            const int u = col >> 6;
+            if (!tok[u] || row >= rows) continue;
+            const int n = tr[u].nt * 64 + (col & 63), N = tr[u].N;
+            if (n >= N) continue;
+            float* out = tr[u].g == 0 ? o0 : (tr[u].g == 1 ? o1 : o2);
+            const i64 o = (i64)(m0 + row) * N + n;
+            out[o] = mode == 3 ? acc[i] + resid[o] : acc[i];
+        }
+        return;
+    }
+    // several slabs: partials part[slab][row][tile][64] (as marlin_finish's), the pair's ticket (tile
+    // tb's), and the consumer that arrives last sums the slabs in order, stores and resets the ticket
+#pragma unroll
+    for (int i = 0; i < 64; i += 2) {
+        const int row = 16 * wl + (lane >> 2) + 8 * ((i >> 1) & 1), col = 8 * (i >> 2) + 2 * (lane & 3);
         const int u = col >> 6;
         if (!tok[u] || row >= rows) continue;
-        const int n = tr[u].nt * 64 + (col & 63), N = tr[u].N;
-        if (n >= N) continue;
-        float* out = tr[u].g == 0 ? o0 : (tr[u].g == 1 ? o1 : o2);
-        const i64 o = (i64)(m0 + row) * N + n;
-        out[o] = mode == 3 ? acc[i] + resid[o] : acc[i];
+        float2* pp = reinterpret_cast<float2*>(part + (((i64)blockIdx.y * M + m0 + row) * t3 + tb + u) * 64 + (col & 63));
+        *pp = make_float2(acc[i], acc[i + 1]);
     }
+    __shared__ int s_xlast;
+    asm volatile("bar.sync 1, 128;\n" ::: "memory");                 // the consumer warpgroup's partials
+    u32* ticket = tickets + (i64)tb * gridDim.z + blockIdx.z;
+    if (tid == 0) {
+        __threadfence();
+        const bool last = atomicAdd(ticket, 1u) == (u32)(slabs - 1);
+        if (last) __threadfence();
+        s_xlast = last;
+    }
+    asm volatile("bar.sync 1, 128;\n" ::: "memory");
+    if (!s_xlast) return;
+    // the sum: element e = (row, tile u, 4 columns) of rows x 2 tiles x 16 float4
+    const int nu = tok[1] ? 2 : 1;
+    for (int e = tid; e < rows * nu * 16; e += 128) {
+        const int row = e / (nu * 16), u = (e / 16) % nu, c4 = (e & 15) * 4;
+        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int y = 0; y < slabs; ++y) {
+            const float4 x = __ldcg(reinterpret_cast<const float4*>(
+                part + (((i64)y * M + m0 + row) * t3 + tb + u) * 64 + c4));
+            v.x += x.x; v.y += x.y; v.z += x.z; v.w += x.w;
+        }
+        const TileRef r = u ? tr[1] : tr[0];      // (u is not known at compile time here)
+        const int N = r.N, n = r.nt * 64 + c4;
+        float* out = r.g == 0 ? o0 : (r.g == 1 ? o1 : o2);
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {
+            const float x = h == 0 ? v.x : (h == 1 ? v.y : (h == 2 ? v.z : v.w));
+            const i64 o = (i64)(m0 + row) * N + n + h;
+            if (n + h < N) out[o] = mode == 3 ? x + resid[o] : x;
+        }
+    }
+    if (tid == 0) *ticket = 0u;                    // ready for the next replay
 #endif
 }
 
 #define MARLIN_X_KERNEL(NAME, QT)                                                                   \
     extern "C" __global__ void __launch_bounds__(X_THREADS, 1) NAME(MARLIN_ARGS) {                  \
-        marlin_x_main<QT>(w0, w1, w2, o0, o1, o2, N0, N1, N2, t1, t2, t3, A, a_f16, M, K, lda, resid, mode); \
+        marlin_x_main<QT>(w0, w1, w2, o0, o1, o2, N0, N1, N2, t1, t2, t3, A, a_f16, M, K, lda, resid, mode, \
+                          slabs, part, tickets);                                                   \
     }
 MARLIN_X_KERNEL(marlin_q4_0_x64, 0)
 MARLIN_X_KERNEL(marlin_q4_1_x64, 1)

@@ -235,6 +235,7 @@ WG_NWG = {"w16": 4, "w32": 2, "w64": 2, "w16_x": 4}
 X_STAGES = int(os.environ.get("GGFLAT_MARLIN_XST", "6"))
 X_RAW_STAGES = int(os.environ.get("GGFLAT_MARLIN_XRS", "8"))
 X_MIN_CTAS = 0.75                      # (of the SMs) the fewest CTAs for which the plan picks x64
+X_MIN_SLAB_STAGES = 32                  # the fewest stages of a slab for which the plan picks x64 with slabs
 X_THREADS = 544                        # warpgroups: consumer, two dequantizing, A; and a raw-loading warp
 SWEEP_VARIANTS = tuple(k for k in _VARIANTS if "_s" in k)
 PROBE_VARIANTS = ("d1_probe1", "d1_probe2")    # Q4_0, benchmarks only: arithmetic / A window left out
@@ -346,6 +347,14 @@ def choose_split_wg(tiles: int, m_tiles: int, groups: int, variant: str, sms: in
     return min(tpc, tiles), s
 
 
+def x64_slabs(tiles: int, m_tiles: int, groups: int, sms: int) -> int:
+    """x64's k-split: as many slabs as bring its CTAs (two tiles each) up to the SMs, each slab at least
+    8 stages (64 k a stage) so the rings fill. 64 x 14336 x 4096 (32 CTAs a slab), H100, Q4_0: 91.3 /
+    57.6 / 36.1 us at 1 / 2 / 4 slabs (2026-11-25)."""
+    ctas = -(-tiles // 2) * m_tiles
+    return max(1, min(sms // ctas, groups // 2 // 8))
+
+
 def _wg_choice(tiles: int, groups: int, M: int, ggml_type: int, a_dtype: str = "f32") -> str | None:
     """The warpgroup kernel for 17..64 rows where it measured faster than m2: when its split leaves
     every warpgroup at most one tile (a warpgroup that streams several tiles pays each one's drain,
@@ -356,11 +365,17 @@ def _wg_choice(tiles: int, groups: int, M: int, ggml_type: int, a_dtype: str = "
     4096 x 14336 with f16 A at 33..64 rows goes to x64 (2026-11-25)."""
     if not 16 < M <= 64 or not wg_enabled() or not wg_available():
         return None
-    # the mixed-input kernel (x64: whole K a CTA, no k-split yet) for 33..64 rows where its 128-column
-    # CTAs fill the GPU, f16 A only (its f32 path loads and converts A in line: correct, not measured).
-    # Its time is flat in M (32.5-33.1 us at 17-64 rows, 4096 x 14336), so m2 keeps 17..32 (27.0 at 32)
-    if a_dtype == "f16" and M > 32 and groups % 2 == 0 and -(-tiles // 2) >= X_MIN_CTAS * sm_count():
-        return "x64"
+    # the mixed-input kernel (x64) for 33..64 rows where its 128-column CTAs, times its slabs, fill the
+    # GPU and each slab keeps at least X_MIN_SLAB_STAGES stages; f16 A only (its f32 path loads and
+    # converts A in line: 58.3 us against m2's 45.6 at 64 x 4096 x 14336). Its time is flat in M
+    # (32.5-33.1 us at 17-64 rows, 4096 x 14336), so m2 keeps 17..32 (27.0 at 32). H100, Q4_0, 64 rows
+    # (2026-11-25): 4096 x 14336 one slab 32.0 us (m2 43.7); 14336 x 4096 four slabs of 56 stages 36.1
+    # (m2 53.2); 4096 x 4096 four slabs of 16 stages 20.0 (w64 15.7)
+    if a_dtype == "f16" and M > 32 and groups % 2 == 0:
+        slabs = x64_slabs(tiles, 1, groups, sm_count())
+        if (-(-tiles // 2) * slabs >= X_MIN_CTAS * sm_count()
+                and (slabs == 1 or groups // 2 // slabs >= X_MIN_SLAB_STAGES)):
+            return "x64"
     variant = "w32" if M <= 32 else "w64"
     if groups % _VARIANTS[variant][3]:
         return None
@@ -540,8 +555,9 @@ class MarlinPlan:
             gps = _VARIANTS[variant][3]
             if G % gps:
                 raise ValueError(f"Marlin: {variant} needs K to be a multiple of {32 * gps}")
-            if variant == "x64":
-                self.tpc, self.slabs = 2, 1             # (the kernel's fixed split)
+            if variant == "x64":                        # two tiles a CTA; a k-split where the CTAs are few
+                self.tpc = 2
+                self.slabs = int(slabs) if slabs else x64_slabs(T, self.m_tiles, G, sm_count())
             elif slabs or kws:
                 self.tpc, self.slabs = int(kws or 1), int(slabs or 1)
             else:
