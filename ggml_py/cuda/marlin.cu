@@ -1830,6 +1830,7 @@ __device__ __forceinline__ void marlin_x_main(
     if (wg == 1 || wg == 2) {
         // ---- the dequantizing warpgroups: wg 1 the even stages, wg 2 the odd ones ----
         const int u = wl >> 1, q = wl & 1;         // this warp: tile u, group q of a stage, both k16 steps
+        const bool ok = u ? tok[1] : tok[0];       // (tok[u] with a run-time u would live in local memory)
         for (int s = wg - 1; s < n_st; s += 2) {
             if (s >= X_ST) mbar_wait(empty_s + 8u * (s % X_ST), ((s / X_ST) + 1) & 1);
             if ((tid & 127) == 0) XSTAMP(1, s);
@@ -1840,13 +1841,13 @@ __device__ __forceinline__ void marlin_x_main(
             uint4 wv[2];
 #pragma unroll
             for (int ks = 0; ks < 2; ++ks)
-                wv[ks] = tok[u] ? *reinterpret_cast<const uint4*>(st + q * 1024 + ks * 512 + lane * 16)
+                wv[ks] = ok ? *reinterpret_cast<const uint4*>(st + q * 1024 + ks * 512 + lane * 16)
                                 : make_uint4(0, 0, 0, 0);
             half2 sc[4][4];
 #pragma unroll
             for (int w = 0; w < 4; ++w) {
                 sc[w][0] = sc[w][1] = sc[w][2] = sc[w][3] = __float2half2_rn(0.0f);
-                if (tok[u]) wg_scales<QT>(st + R::CB + q * R::SCB, st + R::CB + R::SB, lane, w, sc[w][0], sc[w][1], sc[w][2], sc[w][3]);
+                if (ok) wg_scales<QT>(st + R::CB + q * R::SCB, st + R::CB + R::SB, lane, w, sc[w][0], sc[w][1], sc[w][2], sc[w][3]);
             }
             __syncwarp();
             if (lane == 0) mbar_arrive(rempty_s + 8u * (s % X_RS));   // the warp has read the raw slot
