@@ -70,6 +70,7 @@ from .ops import ROPE_NEOX, ROPE_NORMAL
 POS_EMPTY = np.iinfo(np.int32).max       # stored position of a never-written slot
 _ALIGN = 256                             # byte alignment of every buffer in the arena / input block
 FUSE_DEFAULT = 2                         # CupyBackend(fuse_mm=...) when neither it nor GGFLAT_CUDA_FUSE says
+ATTN_PREFETCH_MB = 16                    # GGFLAT_ATTN_PF's default: decode attention prefetches o's weights
 _F32_OPS = ("add", "mul", "scale", "silu", "gelu", "swiglu", "geglu", "rms_norm", "soft_max", "rope")
 # operands whose buffer an op's output may take over when they die at that op (elementwise
 # kernels read each element before writing it; see elementwise.cu for the row kernels)
@@ -320,6 +321,7 @@ class CupyPlan(Plan):
         self.graph_error: str | None = None
         self.n_runs = 0
         self.n_fused = 0
+        self.n_prefetch = 0                                  # attention launches that prefetch o's weights
         self.fusions: dict[str, int] = {}                    # kind -> launches fused (see CupyBackend.plan)
         self.buffer_bytes = 0                                # arena bytes this plan needs
         self.keep: list[Any] = []                            # device/pinned buffers the steps use
@@ -337,6 +339,7 @@ class _Builder:
         self.node: Tensor | None = None
         self.outs = {t.index for t in plan.graph.outputs.values()}
         self.extra_die: dict[int, list[int]] = {}          # live position -> roots kept alive until it
+        self.pf_next: dict[int, Tensor] = {}               # attention node -> the weight read after it
 
     def r(self, t: Tensor) -> int:
         return self.root.get(t.index, t.index)
@@ -434,6 +437,20 @@ class _Region:
         return [self.ropes[g][1] if g in self.ropes else m for g, m in enumerate(self.members)]
 
 
+def _weights_after_attention(live: list[Tensor]) -> dict[int, Tensor]:
+    """attention node index -> the weight of the first mul_mat that follows it in ``live``."""
+    out: dict[int, Tensor] = {}
+    pending: list[int] = []
+    for t in live:
+        if t.op == "attention":
+            pending.append(t.index)
+        elif t.op == "mul_mat" and pending and t.src[0].op == "weight":
+            for i in pending:
+                out[i] = t.src[0]
+            pending = []
+    return out
+
+
 def _reorder(live: list[Tensor], regions: list[_Region]) -> list[Tensor]:
     """``live`` with each region's nodes moved up to its first node, in region order.
 
@@ -488,6 +505,10 @@ class CupyBackend(Backend):
         self.fuse_level = max(0, min(2, int(fuse_mm)))
         self.fuse_mm = self.fuse_level > 0
         self.stream = device.new_stream()
+        # GGFLAT_ATTN_PF: MB of the o projection's weights that decode attention prefetches into
+        # L2 (0: none; default ATTN_PREFETCH_MB)
+        env_pf = os.environ.get("GGFLAT_ATTN_PF", "").strip()
+        self.attn_prefetch = int(float(env_pf) * (1 << 20)) if env_pf else ATTN_PREFETCH_MB << 20
         self._w: dict[str, Any] = {}              # name -> DeviceWeight (2-D) or float32 array (1-D)
         self._src: dict[str, WeightSource] = {}   # name -> the file's bytes (for a dense copy on demand)
         self._dense: dict[str, Any] = {}          # name -> float32 device copy of a quantized weight
@@ -645,6 +666,8 @@ class CupyBackend(Backend):
                     b.extra_die.setdefault(end, []).append(r)
         first = {rg.nodes[0].index: rg for rg in regions}
         kv_folded = self._kv_folds(b, live, regions)
+        if self.attn_prefetch:
+            b.pf_next = _weights_after_attention(live)
 
         # activations: offsets, then views into the shared arena
         size = b.layout()
@@ -1274,11 +1297,28 @@ class CupyBackend(Backend):
             p.checks[("attention", bt_name, len_name, max_slots)] = check
         ao, stream, scratch = self.dev.attention_ops(), self.stream, p.attn_scratch
         scale, window, softcap = t.params["scale"], t.params["window"], t.params["softcap"]
+        knobs = {}
+        span = self._prefetch_span(b, t)
+        if span is not None:
+            knobs["prefetch"] = span
+            p.n_prefetch += 1
 
         def make(st: CupyKVStorage) -> Step:
             args = (Q, st.k[layer], st.v[layer], st.pos[layer], BT, KL, QP, out, scale, window, softcap,
                     stream, scratch[0])
             if hasattr(ao, "plan_attention"):
-                return ao.plan_attention(*args)
+                return ao.plan_attention(*args, **knobs)
             return lambda: ao.attention(*args)
         self._emit_kv(b, make)
+
+    def _prefetch_span(self, b: _Builder, t: Tensor) -> tuple[int, int] | None:
+        """(address, nbytes) for the decode attention kernel to bring into L2 while it runs: the
+        weights of the first mul_mat after it (the o projection), at most attn_prefetch bytes.
+        Attention is the one decode launch during which DRAM idles, and o is launched after it
+        without PDL (attention.cu ATTN_PREFETCH; benchmarks/RESULTS.md, session 11)."""
+        w_t = b.pf_next.get(t.index)
+        qo = self.dev.quant_ops()
+        if w_t is None or not hasattr(qo, "weight_span"):
+            return None
+        addr, nbytes = qo.weight_span(self._mm_weight(b, w_t))
+        return (addr, min(nbytes, self.attn_prefetch)) if nbytes else None

@@ -220,6 +220,9 @@ class _SimQuant:
     def mul_mat_scratch_bytes(self, w, n):
         return 4096
 
+    def weight_span(self, w):
+        return (id(w) * 16, w.nbytes)                      # (a stand-in address, the weight's bytes)
+
     def mul_mat(self, w, x, out, stream, scratch):
         self.dev.exec(lambda: np.matmul(x, (w.f32 if isinstance(w, _SimWeight) else w).T, out=out))
 
@@ -344,7 +347,8 @@ class _SimAttentionPlanned(_SimAttention):
     def plan_kv_store(self, *args):
         return partial(self.kv_store, *args)
 
-    def plan_attention(self, *args):
+    def plan_attention(self, *args, prefetch=None):
+        self.dev.attn_prefetch.append(prefetch)
         return partial(self.attention, *args)
 
 
@@ -356,6 +360,7 @@ class SimDevice:
         self.capturing: list | None = None
         self.group_calls: list = []                 # plan_mul_mat_group requests (len(ws), glu, rope members)
         self.group_binds: list = []                 # GroupPlan.bind calls: (with positions, early)
+        self.attn_prefetch: list = []               # plan_attention's prefetch spans, in call order
         self.n_captures = 0
         self.n_graph_launches = 0
         self.quant = _SimQuantPlanned(self) if planned else _SimQuant(self)
@@ -1428,6 +1433,12 @@ def test_tiny_model_grouped(target, tiny_uniform_models, arch, level):
             assert _fusions(plan, "mm_add", "mm_norm") == want, plan.fusions
         n_rope = sum(1 for t in plan.step_node if t is not None and t.op == "rope")
         assert n_rope == (0 if arch == "llama" else L)              # gemma: q/k norms sit between
+        # each decode attention asks L2 for its layer's o projection (the GEMM after it)
+        assert plan.n_prefetch == L, plan.n_prefetch
+        spans = getattr(be.dev, "attn_prefetch", None)
+        if spans is not None:
+            o_bytes = {be._w[f"blk.{i}.attn_output.weight"].nbytes for i in range(L)}
+            assert len(spans) >= L and all(s is not None and s[1] in o_bytes for s in spans), spans
         # the positions are the graph's input: every grouped launch may read them before PDL's wait
         binds = getattr(be.dev, "group_binds", None)
         if binds is not None:

@@ -104,7 +104,7 @@ def test_split_geometry_covers_the_sequence(page):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-@pytest.mark.parametrize("opts", [(), ("-DATTN_KV_F16=0", "-DATTN_DK=256", "-DATTN_DEC_STAGES=2")])
+@pytest.mark.parametrize("opts", [(), ("-DATTN_KV_F16=0", "-DATTN_DK=256", "-DATTN_DEC_STAGES=2"), ("-DATTN_QFIRST=0",)])
 def test_nvcc_builds(opts, tmp_path):
     r = subprocess.run(["nvcc", "-arch=sm_90", "--cubin", "-std=c++17", *opts, "-o", str(tmp_path / "a.cubin"),
                         str(CU)], capture_output=True, text=True)
@@ -275,6 +275,28 @@ def test_decode_and_prefill_kernels_agree(shape, dtype):
                           prefill_kernel=kind, prefill_rows=br)
             ref2 = ref if br != 16 else reference(q, kc, vc, pc, bt, L, qpos, scale, 300, 30.0)
             check(got, ref2, dtype, f"prefill {kind} rows={br} {shape} {dtype}", "prefill-" + kind)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_decode_prefetch_changes_nothing(n):
+    """The decode kernels' L2 prefetch of another buffer (the backend gives them the o projection's
+    weights) leaves every output bit as it was, whether it runs (kv below prefetch_kv_max) or is
+    skipped, with a span that is not a multiple of the 4 KB pieces or of the grid."""
+    cp = _cupy()
+    H, hkv, dk = 32, 8, 128
+    rng = np.random.default_rng(41 + n)
+    L = 333
+    q, kc, vc, pc, bt, qpos = make_case(rng, n, H, hkv, dk, "f16", L)
+    other = cp.arange(9_437_184 + 4112, dtype=cp.uint8)            # ~9 MB, as o's weights of an 8B
+    ref = reference(q, kc, vc, pc, bt, L, qpos, 0.1, 0, 0.0)
+    for kern in ("tc", "tcb", "fma"):
+        base = run_gpu(cp, q, kc, vc, pc, bt, L, qpos, 0.1, 0, 0.0, mode="decode", decode_kernel=kern)
+        check(base, ref, "f16", f"decode {kern} n={n}", "decode-" + kern)
+        for kv_max in (None, 0):
+            got = run_gpu(cp, q, kc, vc, pc, bt, L, qpos, 0.1, 0, 0.0, mode="decode", decode_kernel=kern,
+                          prefetch=(other.data.ptr, other.nbytes), prefetch_kv_max=kv_max)
+            assert np.array_equal(got, base), (kern, kv_max)
+    assert int(other[-1]) == (other.size - 1) % 256                # the prefetched bytes are unchanged
 
 
 @pytest.mark.parametrize("n", [1, 4, 200])

@@ -62,6 +62,12 @@
 
 #include "common.cuh"
 
+// ATTN_QFIRST (default 1; GGFLAT_ATTN_QFIRST=0 for A/B runs): the tensor-core decode kernels load q
+// before kv_len and the block table (see decode_tc_impl).
+#ifndef ATTN_QFIRST
+#define ATTN_QFIRST 1
+#endif
+
 // ATTN_TRACE (GGFLAT_ATTN_TRACE=1, read by benchmarks/trace_decode.py): the tensor-core decode kernels
 // record %globaltimer per block -- start, q staged, first tile in, tile loop done, end -- with the
 // block's split, kv head, tiles and splits (an 8-word record in attn_trace_buf, attn_trace_n counts).
@@ -235,6 +241,18 @@ __device__ __forceinline__ float warp_sum(float x) {
     for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
     return x;
 }
+
+// The decode kernels' L2 prefetch (attention_ops.plan_attention's ``prefetch``): the weights of the
+// launch after attention (the o projection) are brought into L2 while attention runs. Attention is
+// the one launch of a decode layer during which DRAM idles (at short contexts it reads a few KB of
+// keys and values, all in L2 since q/k/v wrote them), and o follows it without PDL. Skipped when
+// this step's keys and values (L x Hkv x (DK + DV) elements) exceed pf_kv_max bytes: then they
+// stream from DRAM themselves, and prefetched lines would compete with them for L2.
+#define ATTN_PREFETCH(L)                                                                            \
+    do {                                                                                            \
+        if ((unsigned long long)(L) * Hkv * (DK + DV) * sizeof(kv_t) <= pf_kv_max)                  \
+            l2_prefetch_share(pf, pf_bytes);                                                        \
+    } while (0)
 
 // sequence length as the kernels see it: kv_len clamped to [0, max_pages * PAGE]
 __device__ __forceinline__ int seq_len(const int* __restrict__ kv_len, int max_pages) {
@@ -508,7 +526,8 @@ __device__ __forceinline__ void decode_impl(
     const int* __restrict__ q_pos, float* __restrict__ part_ml, float* __restrict__ part_acc,
     unsigned* __restrict__ counters, float* __restrict__ out,
     int n, int H, int Hkv, int n_pages, int max_pages, int splits, int min_units, int flat_max,
-    float qscale, float cap2, int window)
+    float qscale, float cap2, int window,
+    const unsigned char* __restrict__ pf, unsigned long long pf_bytes, unsigned long long pf_kv_max)
 {
     static_assert(RMAX % DEC_RG == 0, "rows per block");
     constexpr int RPT = RMAX / DEC_RG;       // rows per thread in q.k, and per warp in the softmax
@@ -518,6 +537,7 @@ __device__ __forceinline__ void decode_impl(
     const int split = blockIdx.x, kvh = blockIdx.y;
     const int G = H / Hkv, R = n * G;
     const int L = seq_len(kv_len, max_pages);
+    ATTN_PREFETCH(L);
     int nsplit, ppb;
     split_geometry(L, splits, min_units, nsplit, ppb);
     if (split >= nsplit) return;                         // no keys here
@@ -692,9 +712,10 @@ __device__ __forceinline__ void decode_impl(
     const int* __restrict__ q_pos, float* __restrict__ part_ml, float* __restrict__ part_acc,      \
     unsigned* __restrict__ counters, float* __restrict__ out,                                      \
     int n, int H, int Hkv, int n_pages, int max_pages, int splits, int min_units, int flat_max,    \
-    float qscale, float cap2, int window
+    float qscale, float cap2, int window,                                                          \
+    const unsigned char* __restrict__ pf, unsigned long long pf_bytes, unsigned long long pf_kv_max
 #define ATTN_DECODE_PASS q, kc, vc, pc, bt, kv_len, q_pos, part_ml, part_acc, counters, out, n, H, Hkv, \
-    n_pages, max_pages, splits, min_units, flat_max, qscale, cap2, window
+    n_pages, max_pages, splits, min_units, flat_max, qscale, cap2, window, pf, pf_bytes, pf_kv_max
 
 extern "C" __global__ void __launch_bounds__(DEC_NT, 2) attn_decode_r4(ATTN_DECODE_ARGS) {
     PDL_TRIGGER();
@@ -1195,7 +1216,22 @@ __device__ __forceinline__ void decode_tc_impl(ATTN_DECODE_ARGS)
     const int split = blockIdx.x, kvh = blockIdx.y;
     ATTN_TRACE_DECL;
     const int G = H / Hkv, R = n * G;
+#if ATTN_QFIRST
+    // q's loads go out first, before kv_len's and the block table's: the three used to be read in
+    // series (kv_len -> the first tiles' slots -> q), 2 of the kernel's 3.9 us at short contexts
+    // (benchmarks/RESULTS.md, session 9's attention trace), and q depends on neither.
+    constexpr int QV = DTC_R * (DK / 4), QIT = (QV + 127) / 128;
+    float4 qx[QIT];
+#pragma unroll
+    for (int i = 0; i < QIT; ++i) {
+        const int idx = tid + i * 128, r = idx / (DK / 4), c4 = idx % (DK / 4);
+        qx[i] = f4(0.f, 0.f, 0.f, 0.f);
+        if (idx < QV && r < R) qx[i] = reinterpret_cast<const float4*>(q + ((size_t)(r / G) * H + kvh * G + r % G) * DK)[c4];
+    }
+    const int qpv = tid < DTC_R && tid < R ? q_pos[tid / G] : ATTN_INT_MIN;
+#endif
     const int L = seq_len(kv_len, max_pages);
+    ATTN_PREFETCH(L);
     int nsplit, ppb;
     split_geometry(L, splits, min_units, nsplit, ppb);
     if (split >= nsplit) {                       // no keys here
@@ -1254,6 +1290,18 @@ __device__ __forceinline__ void decode_tc_impl(ATTN_DECODE_ARGS)
         if (s < n_tiles) issue(s);
         if constexpr (!BULK) cp_commit();
     }
+#if ATTN_QFIRST
+#pragma unroll
+    for (int i = 0; i < QIT; ++i) {                                     // q rows -> f16, pre-scaled
+        const int idx = tid + i * 128, r = idx / (DK / 4), c4 = idx % (DK / 4);
+        if (idx >= QV) break;
+        uint2 hq;
+        hq.x = f2h2(qx[i].x * qscale, qx[i].y * qscale);
+        hq.y = f2h2(qx[i].z * qscale, qx[i].w * qscale);
+        *reinterpret_cast<uint2*>(Qs + r * KSTR + c4 * 4) = hq;
+    }
+    if (tid < DTC_R) qp[tid] = qpv;
+#else
     for (int idx = tid; idx < DTC_R * (DK / 4); idx += 128) {          // q rows -> f16, pre-scaled
         const int r = idx / (DK / 4), c4 = idx % (DK / 4);
         float4 x = f4(0.f, 0.f, 0.f, 0.f);
@@ -1264,6 +1312,7 @@ __device__ __forceinline__ void decode_tc_impl(ATTN_DECODE_ARGS)
         *reinterpret_cast<uint2*>(Qs + r * KSTR + c4 * 4) = hq;
     }
     if (tid < DTC_R) qp[tid] = tid < R ? q_pos[tid / G] : ATTN_INT_MIN;
+#endif
     __syncthreads();
     ATTN_STAMP(attn_st, 1);
 

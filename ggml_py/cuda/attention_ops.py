@@ -67,6 +67,7 @@ DEFAULT_FLAT_MAX = 16                 # decode partials merged in one level up t
 DECODE_MAX_ROWS = 8                   # n * G above this -> prefill kernel
 PF_NT, PF_BC = 128, 64                # prefill: threads, keys per tile
 SMEM_LIMIT = 227 * 1024               # Hopper's largest dynamic shared memory per block
+PREFETCH_KV_MAX = 8 << 20             # decode's L2 prefetch only while a step's keys + values are below this
 _DEC_STAGE_BUDGET = 100 * 1024        # decode (FMA) pipeline bytes: leaves room for 2+ blocks per SM
 _DEC_TC_STAGE_BUDGET = 110 * 1024     # decode (tensor cores): 3 stages of 64 keys at d=128, 2 blocks/SM
 
@@ -279,12 +280,21 @@ def trace_enabled() -> bool:
     return os.environ.get("GGFLAT_ATTN_TRACE", "0").strip() == "1"
 
 
+def qfirst_enabled() -> bool:
+    """GGFLAT_ATTN_QFIRST=0 builds the tensor-core decode kernels that read q after kv_len and the
+    block table (the order before session 11), for A/B runs."""
+    import os
+    return os.environ.get("GGFLAT_ATTN_QFIRST", "1").strip() != "0"
+
+
 def _function(kvb: int, dk: int, dv: int, page: int, name: str, smem: int = 0) -> Any:
     """Kernel ``name`` of the module for this geometry, as a callable (grid, block, args, smem, stream)."""
     opts = (f"-DATTN_KV_F16={int(kvb == 2)}", f"-DATTN_DK={dk}", f"-DATTN_DV={dv}",
             f"-DATTN_PAGE={page}", f"-DATTN_DEC_STAGES={decode_stages(kvb, dk, dv)}",
             f"-DATTN_DEC_TC_STAGES={decode_tc_stages(dk, dv)}")
     opts += ("-DATTN_TRACE=1",) if trace_enabled() else ()
+    if not qfirst_enabled():
+        opts += ("-DATTN_QFIRST=0",)
     key = (opts, name)
     fn = _functions.get(key)
     if fn is None:
@@ -378,7 +388,8 @@ def plan_attention(q: Any, k_cache: Any, v_cache: Any, pos_cache: Any, block_tab
                    q_pos: Any, out: Any, scale: float, window: int = 0, softcap: float = 0.0,
                    stream: Any = None, scratch: Any = None, *, splits: int | None = None,
                    split_keys: int | None = None, flat_max: int | None = None, mode: str | None = None, decode_kernel: str | None = None,
-                   prefill_kernel: str | None = None, prefill_rows: int | None = None) -> Step:
+                   prefill_kernel: str | None = None, prefill_rows: int | None = None,
+                   prefetch: tuple[int, int] | None = None, prefetch_kv_max: int | None = None) -> Step:
     """Step computing ``ops.attention`` into ``out`` (n, H * dv) f32.
 
     ``scratch``: a device array of at least ``attention_scratch_bytes(...)`` bytes (decode only).
@@ -388,7 +399,12 @@ def plan_attention(q: Any, k_cache: Any, v_cache: Any, pos_cache: Any, block_tab
     "prefill", default by size), ``decode_kernel`` / ``prefill_kernel`` ("tc": tensor cores,
     the default for f16 pages; decode also "tcb": tensor cores fed by bulk copies, the default
     where it exists (Hopper, pages of 4k slots); "fma": f32 FMA, the only one for f32 pages) and ``prefill_rows`` (query rows per
-    block: 16, 32 or 64; default the largest that still gives every SM a block)."""
+    block: 16, 32 or 64; default the largest that still gives every SM a block).
+
+    ``prefetch``: ``(device address, nbytes)`` of memory that no kernel writes (the weights of the
+    launch that follows: the backend passes the o projection's), which the decode kernel asks L2
+    for while it runs (attention.cu ``ATTN_PREFETCH``), unless the step's keys and values exceed
+    ``prefetch_kv_max`` bytes (default ``PREFETCH_KV_MAX``). Ignored by prefill and before Hopper."""
     n_pages, page, hkv, dk, dv, kvb = _cache_geometry(k_cache, v_cache, pos_cache)
     _arr(q, "q", ("float32",), 3)
     n, H, dk_q = q.shape
@@ -447,9 +463,13 @@ def plan_attention(q: Any, k_cache: Any, v_cache: Any, pos_cache: Any, block_tab
         _need(smem <= SMEM_LIMIT, f"attention: decode needs {smem} bytes of shared memory ({ns} splits)")
         f_dec = _function(kvb, dk, dv, page, name, smem)
         _zero_counters(counters, _counter_words(hkv), stream)
+        pf_addr, pf_bytes = (0, 0) if prefetch is None else (int(prefetch[0]), max(0, int(prefetch[1])))
+        _need(pf_addr % 16 == 0, "attention: prefetch address must be 16-byte aligned")
+        pf_kv = PREFETCH_KV_MAX if prefetch_kv_max is None else max(0, int(prefetch_kv_max))
         return _launch(f_dec, (ns, hkv), DEC_NT,
                        (q, k_cache, v_cache, pos_cache, block_table, kv_len, q_pos, part_ml, part_acc, counters, out)
-                       + common + (np.int32(ns), np.int32(split_min_units(sk, page)), np.int32(fm)) + tail,
+                       + common + (np.int32(ns), np.int32(split_min_units(sk, page)), np.int32(fm)) + tail
+                       + (np.uint64(pf_addr), np.uint64(pf_bytes), np.uint64(pf_kv)),
                        smem, stream)
 
     _need(mode == "prefill", f"attention: unknown mode {mode!r}")

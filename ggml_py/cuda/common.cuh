@@ -35,3 +35,21 @@ __device__ __forceinline__ float act_gelu(float x) {
     t = __fmul_rn(t, x);
     return __fmul_rn(t, 0.5f);
 }
+
+// Ask L2 for bytes [p, p + n): this block's 1/grid share of them, in 4 KB pieces spread over its
+// threads, by the copy engine (cp.async.bulk.prefetch.L2: no registers, no shared memory, nothing
+// to wait for). For weights that no kernel writes, so no ordering is needed. p must be 16-byte
+// aligned (a CuPy allocation is); a last piece shorter than 16 bytes is left out.
+__device__ __forceinline__ void l2_prefetch_share(const unsigned char* p, unsigned long long n) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (n == 0ull) return;
+    const unsigned long long nb = (unsigned long long)gridDim.x * gridDim.y * gridDim.z;
+    const unsigned long long b = blockIdx.x + (unsigned long long)gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    const unsigned long long share = ((n + nb - 1ull) / nb + 4095ull) & ~4095ull;
+    const unsigned long long lo = b * share, hi = lo + share < n ? lo + share : n;
+    for (unsigned long long o = lo + threadIdx.x * 4096ull; o < hi; o += blockDim.x * 4096ull) {
+        const unsigned len = (unsigned)((hi - o < 4096ull ? hi - o : 4096ull) & ~15ull);
+        if (len) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" :: "l"(p + o), "r"(len) : "memory");
+    }
+#endif
+}

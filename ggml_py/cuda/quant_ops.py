@@ -146,6 +146,13 @@ def _wdata(w):
     return w.data if isinstance(w, DeviceWeight) else w
 
 
+def weight_span(w) -> tuple[int, int]:
+    """(device address, nbytes) of a weight's bytes on the GPU: a DeviceWeight's blocks, a
+    MarlinWeight's repacked layout or a dense array (what a kernel may ask L2 to prefetch)."""
+    data = w.data if isinstance(w, (DeviceWeight, marlin.MarlinWeight)) else w
+    return int(data.data.ptr), int(data.nbytes)
+
+
 def _kernel(name: str):
     return _module().get_function(name)
 
