@@ -70,7 +70,7 @@ from .ops import ROPE_NEOX, ROPE_NORMAL
 POS_EMPTY = np.iinfo(np.int32).max       # stored position of a never-written slot
 _ALIGN = 256                             # byte alignment of every buffer in the arena / input block
 FUSE_DEFAULT = 2                         # CupyBackend(fuse_mm=...) when neither it nor GGFLAT_CUDA_FUSE says
-ATTN_PREFETCH_MB = 16                    # GGFLAT_ATTN_PF's default: decode attention prefetches o's weights
+ATTN_PREFETCH_MB = 0                     # GGFLAT_ATTN_PF's default (off until measured on the H100; 16 to try)
 _F32_OPS = ("add", "mul", "scale", "silu", "gelu", "swiglu", "geglu", "rms_norm", "soft_max", "rope")
 # operands whose buffer an op's output may take over when they die at that op (elementwise
 # kernels read each element before writing it; see elementwise.cu for the row kernels)

@@ -1395,12 +1395,13 @@ def tiny_uniform_models(tmp_path_factory):
 
 @pytest.mark.parametrize("level", [1, 2])
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_tiny_model_grouped(target, tiny_uniform_models, arch, level):
+def test_tiny_model_grouped(target, tiny_uniform_models, arch, level, monkeypatch):
     """One type for every matrix: decode steps (and a 7-token prefill) run q/k/v and gate/up grouped
     (llama: with both ropes; level 2: with their norms, and o/down with their residual adds); a
     12-token prefill stays unfused. Logits agree with NumPy throughout."""
     from engine.model import Model
 
+    monkeypatch.setenv("GGFLAT_ATTN_PF", "16")          # decode attention prefetches o's weights
     be = target(fuse_mm=level)
     try:
         be.dev.quant_ops(), be.dev.attention_ops()

@@ -104,7 +104,7 @@ def test_split_geometry_covers_the_sequence(page):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-@pytest.mark.parametrize("opts", [(), ("-DATTN_KV_F16=0", "-DATTN_DK=256", "-DATTN_DEC_STAGES=2"), ("-DATTN_QFIRST=0",)])
+@pytest.mark.parametrize("opts", [(), ("-DATTN_KV_F16=0", "-DATTN_DK=256", "-DATTN_DEC_STAGES=2"), ("-DATTN_QFIRST=1",)])
 def test_nvcc_builds(opts, tmp_path):
     r = subprocess.run(["nvcc", "-arch=sm_90", "--cubin", "-std=c++17", *opts, "-o", str(tmp_path / "a.cubin"),
                         str(CU)], capture_output=True, text=True)
@@ -277,11 +277,14 @@ def test_decode_and_prefill_kernels_agree(shape, dtype):
             check(got, ref2, dtype, f"prefill {kind} rows={br} {shape} {dtype}", "prefill-" + kind)
 
 
+@pytest.mark.parametrize("qfirst", ["0", "1"])
 @pytest.mark.parametrize("n", [1, 2])
-def test_decode_prefetch_changes_nothing(n):
+def test_decode_prefetch_changes_nothing(n, qfirst, monkeypatch):
     """The decode kernels' L2 prefetch of another buffer (the backend gives them the o projection's
     weights) leaves every output bit as it was, whether it runs (kv below prefetch_kv_max) or is
-    skipped, with a span that is not a multiple of the 4 KB pieces or of the grid."""
+    skipped, with a span that is not a multiple of the 4 KB pieces or of the grid; in both builds
+    of the q load (GGFLAT_ATTN_QFIRST)."""
+    monkeypatch.setenv("GGFLAT_ATTN_QFIRST", qfirst)
     cp = _cupy()
     H, hkv, dk = 32, 8, 128
     rng = np.random.default_rng(41 + n)

@@ -62,10 +62,10 @@
 
 #include "common.cuh"
 
-// ATTN_QFIRST (default 1; GGFLAT_ATTN_QFIRST=0 for A/B runs): the tensor-core decode kernels load q
-// before kv_len and the block table (see decode_tc_impl).
+// ATTN_QFIRST (GGFLAT_ATTN_QFIRST=1; off until measured on the H100): the tensor-core decode kernels
+// load q before kv_len and the block table (see decode_tc_impl).
 #ifndef ATTN_QFIRST
-#define ATTN_QFIRST 1
+#define ATTN_QFIRST 0
 #endif
 
 // ATTN_TRACE (GGFLAT_ATTN_TRACE=1, read by benchmarks/trace_decode.py): the tensor-core decode kernels

@@ -281,10 +281,10 @@ def trace_enabled() -> bool:
 
 
 def qfirst_enabled() -> bool:
-    """GGFLAT_ATTN_QFIRST=0 builds the tensor-core decode kernels that read q after kv_len and the
-    block table (the order before session 11), for A/B runs."""
+    """GGFLAT_ATTN_QFIRST=1 builds the tensor-core decode kernels that issue q's loads before kv_len's
+    and the block table's (attention.cu ATTN_QFIRST; off until measured on the H100)."""
     import os
-    return os.environ.get("GGFLAT_ATTN_QFIRST", "1").strip() != "0"
+    return os.environ.get("GGFLAT_ATTN_QFIRST", "0").strip() == "1"
 
 
 def _function(kvb: int, dk: int, dv: int, page: int, name: str, smem: int = 0) -> Any:
@@ -293,8 +293,8 @@ def _function(kvb: int, dk: int, dv: int, page: int, name: str, smem: int = 0) -
             f"-DATTN_PAGE={page}", f"-DATTN_DEC_STAGES={decode_stages(kvb, dk, dv)}",
             f"-DATTN_DEC_TC_STAGES={decode_tc_stages(dk, dv)}")
     opts += ("-DATTN_TRACE=1",) if trace_enabled() else ()
-    if not qfirst_enabled():
-        opts += ("-DATTN_QFIRST=0",)
+    if qfirst_enabled():
+        opts += ("-DATTN_QFIRST=1",)
     key = (opts, name)
     fn = _functions.get(key)
     if fn is None:
