@@ -321,7 +321,7 @@ class CupyPlan(Plan):
         self.graph_error: str | None = None
         self.n_runs = 0
         self.n_fused = 0
-        self.n_prefetch = 0                                  # attention launches that prefetch o's weights
+        self.n_prefetch = 0                                  # attention nodes given o's weights to prefetch (decode uses them)
         self.fusions: dict[str, int] = {}                    # kind -> launches fused (see CupyBackend.plan)
         self.buffer_bytes = 0                                # arena bytes this plan needs
         self.keep: list[Any] = []                            # device/pinned buffers the steps use

@@ -1216,20 +1216,23 @@ __device__ __forceinline__ void decode_tc_impl(ATTN_DECODE_ARGS)
     const int split = blockIdx.x, kvh = blockIdx.y;
     ATTN_TRACE_DECL;
     const int G = H / Hkv, R = n * G;
-#if ATTN_QFIRST
-    // q's loads go out first, before kv_len's and the block table's: the three used to be read in
-    // series (kv_len -> the first tiles' slots -> q), 2 of the kernel's 3.9 us at short contexts
-    // (benchmarks/RESULTS.md, session 9's attention trace), and q depends on neither.
+    // this thread's q elements (f32, rows past R zero) and q_pos; ATTN_QFIRST loads them first, before
+    // kv_len's and the block table's reads: the three used to be read in series (kv_len -> the first
+    // tiles' slots -> q), 2 of the kernel's 3.9 us at short contexts (benchmarks/RESULTS.md, session
+    // 9's attention trace), and q depends on neither
     constexpr int QV = DTC_R * (DK / 4), QIT = (QV + 127) / 128;
     float4 qx[QIT];
+    int qpv = ATTN_INT_MIN;
+    auto load_q = [&]() {
 #pragma unroll
-    for (int i = 0; i < QIT; ++i) {
-        const int idx = tid + i * 128, r = idx / (DK / 4), c4 = idx % (DK / 4);
-        qx[i] = f4(0.f, 0.f, 0.f, 0.f);
-        if (idx < QV && r < R) qx[i] = reinterpret_cast<const float4*>(q + ((size_t)(r / G) * H + kvh * G + r % G) * DK)[c4];
-    }
-    const int qpv = tid < DTC_R && tid < R ? q_pos[tid / G] : ATTN_INT_MIN;
-#endif
+        for (int i = 0; i < QIT; ++i) {
+            const int idx = tid + i * 128, r = idx / (DK / 4), c4 = idx % (DK / 4);
+            qx[i] = f4(0.f, 0.f, 0.f, 0.f);
+            if (idx < QV && r < R) qx[i] = reinterpret_cast<const float4*>(q + ((size_t)(r / G) * H + kvh * G + r % G) * DK)[c4];
+        }
+        if (tid < DTC_R && tid < R) qpv = q_pos[tid / G];
+    };
+    if constexpr (ATTN_QFIRST) load_q();
     const int L = seq_len(kv_len, max_pages);
     ATTN_PREFETCH(L);
     int nsplit, ppb;
@@ -1290,7 +1293,7 @@ __device__ __forceinline__ void decode_tc_impl(ATTN_DECODE_ARGS)
         if (s < n_tiles) issue(s);
         if constexpr (!BULK) cp_commit();
     }
-#if ATTN_QFIRST
+    if constexpr (!ATTN_QFIRST) load_q();
 #pragma unroll
     for (int i = 0; i < QIT; ++i) {                                     // q rows -> f16, pre-scaled
         const int idx = tid + i * 128, r = idx / (DK / 4), c4 = idx % (DK / 4);
@@ -1301,18 +1304,6 @@ __device__ __forceinline__ void decode_tc_impl(ATTN_DECODE_ARGS)
         *reinterpret_cast<uint2*>(Qs + r * KSTR + c4 * 4) = hq;
     }
     if (tid < DTC_R) qp[tid] = qpv;
-#else
-    for (int idx = tid; idx < DTC_R * (DK / 4); idx += 128) {          // q rows -> f16, pre-scaled
-        const int r = idx / (DK / 4), c4 = idx % (DK / 4);
-        float4 x = f4(0.f, 0.f, 0.f, 0.f);
-        if (r < R) x = reinterpret_cast<const float4*>(q + ((size_t)(r / G) * H + kvh * G + r % G) * DK)[c4];
-        uint2 hq;
-        hq.x = f2h2(x.x * qscale, x.y * qscale);
-        hq.y = f2h2(x.z * qscale, x.w * qscale);
-        *reinterpret_cast<uint2*>(Qs + r * KSTR + c4 * 4) = hq;
-    }
-    if (tid < DTC_R) qp[tid] = tid < R ? q_pos[tid / G] : ATTN_INT_MIN;
-#endif
     __syncthreads();
     ATTN_STAMP(attn_st, 1);
 
